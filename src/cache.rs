@@ -1,0 +1,803 @@
+//! The token cache in front of a [`TokenSource`](crate::TokenSource): single-flight,
+//! refresh-ahead, and correct when callers are cancelled.
+//!
+//! # How a request finds its token
+//!
+//! The cache publishes one atomic word: the generation of the current token and its phase.
+//! Each service clone keeps a snapshot of the token it last used and the generation it
+//! belongs to. A request whose snapshot matches a usable word sends the snapshot: one atomic
+//! load, no lock, and no write to memory shared between threads. Only when the word says
+//! otherwise does the request take the lock ("the slow path").
+//!
+//! The clock is not read on that path either. Timer tasks on the Tokio runtime move the word
+//! through its phases at the token's deadlines:
+//!
+//! * `FRESH`: use the token.
+//! * `STALE`: inside the refresh-ahead window. Use the token; the first request to see this
+//!   phase turns it back to `FRESH` and starts a background fetch.
+//! * `UNUSABLE`: no token, or inside the expiry margin, or dropped after a rejection. Requests
+//!   take the slow path, which reads the clock and waits for a fetch if it must.
+//!
+//! # Fetches
+//!
+//! A fetch runs in a task of its own, spawned by whoever first needed it. Requests that need
+//! a token while it runs register as waiters and are woken with its result; dropping any of
+//! them, including the one that started it, changes nothing for the fetch or the others.
+//! If the task itself is dropped before it finishes (its runtime shut down), its waiters get
+//! [`Error::FetchAbandoned`] and the next request starts a new fetch.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+use std::{fmt, future::Future, pin::Pin};
+
+use http::{HeaderValue, StatusCode};
+use tokio::runtime::Handle;
+use tokio::sync::oneshot;
+use tokio::time::{sleep_until, Instant};
+use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
+use tower::util::rng::HasherRng;
+use tower::BoxError;
+
+use crate::error::Error;
+use crate::source::{DynSource, Token};
+
+const FRESH: u64 = 0;
+const STALE: u64 = 1;
+const UNUSABLE: u64 = 2;
+
+const fn word(generation: u64, phase: u64) -> u64 {
+    (generation << 2) | phase
+}
+
+const fn generation(word: u64) -> u64 {
+    word >> 2
+}
+
+const fn phase(word: u64) -> u64 {
+    word & 3
+}
+
+/// Settings of the cache, set through the builder methods of
+/// [`TwnAuthLayer`](crate::TwnAuthLayer).
+#[derive(Clone, Debug)]
+pub(crate) struct CacheOptions {
+    pub(crate) refresh_ahead: Duration,
+    pub(crate) expiry_margin: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) backoff_jitter: f64,
+    pub(crate) reject_statuses: Option<Arc<[StatusCode]>>,
+}
+
+impl Default for CacheOptions {
+    fn default() -> Self {
+        CacheOptions {
+            refresh_ahead: Duration::from_secs(60),
+            expiry_margin: Duration::from_secs(10),
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(30),
+            backoff_jitter: 0.5,
+            reject_statuses: None,
+        }
+    }
+}
+
+/// A token as requests use it: its value and the generation it was published under.
+#[derive(Clone)]
+pub(crate) struct Snapshot {
+    pub(crate) generation: u64,
+    pub(crate) value: HeaderValue,
+}
+
+type Outcome = Result<Snapshot, Error>;
+
+/// The cached token and the deadlines derived from it.
+struct Entry {
+    snapshot: Snapshot,
+    /// From here on the word turns `STALE` and a background fetch is due.
+    refresh_at: Option<Instant>,
+    /// From here on the token counts as expired (its expiry minus the margin).
+    usable_until: Option<Instant>,
+    /// Set when this token replaced one the server rejected: until then, a rejection of this
+    /// token too is taken as the server refusing fresh tokens, not as a rotation.
+    hold_until: Option<Instant>,
+}
+
+impl Entry {
+    fn usable_at(&self, now: Instant) -> bool {
+        self.usable_until.is_none_or(|until| now < until)
+    }
+
+    fn phase_at(&self, now: Instant) -> u64 {
+        if !self.usable_at(now) {
+            UNUSABLE
+        } else if self.refresh_at.is_some_and(|at| now >= at) {
+            STALE
+        } else {
+            FRESH
+        }
+    }
+}
+
+/// Everything behind the lock.
+struct Slot {
+    current: Option<Entry>,
+    last_generation: u64,
+    /// Waiters of the fetch under way; `Some` exactly while a fetch task runs.
+    flight: Option<Vec<oneshot::Sender<Outcome>>>,
+    /// Whether timer tasks watch `current`'s deadlines.
+    armed: bool,
+    /// Backoff after failed fetches, `Some` from the first failure to the next success.
+    failures: Option<ExponentialBackoff>,
+    retry_at: Option<Instant>,
+    last_error: Option<Error>,
+    /// Backoff after rejected replacement tokens, `Some` until a token is accepted.
+    rejections: Option<ExponentialBackoff>,
+    /// `hold_until` for the token the fetch under way will bring, if a rejection started it.
+    next_hold: Option<Instant>,
+}
+
+/// What the slow path decided for a request.
+pub(crate) enum Acquire {
+    Ready(Snapshot),
+    Wait(oneshot::Receiver<Outcome>),
+    Failed(Error),
+}
+
+/// The shared cache. Services hold it through [`CachedToken`].
+pub(crate) struct Cache {
+    /// The published `(generation, phase)`; on a cache line of its own so that reads from
+    /// every core do not contend with reference-count or lock traffic.
+    word: Padded<AtomicU64>,
+    /// The highest generation that got a response not counted as a rejection.
+    confirmed: AtomicU64,
+    slot: Mutex<Slot>,
+    source: Arc<dyn DynSource>,
+    name: Arc<str>,
+    options: CacheOptions,
+    /// A token read before the cache was made, kept so that a rebuilt cache starts with it.
+    initial: Option<Token>,
+}
+
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl Cache {
+    /// Returns a cache in front of `source`, holding `initial` if given.
+    ///
+    /// `initial` is a token read before the cache was first used, such as the one
+    /// [`TwnAuthLayer::from_env`](crate::TwnAuthLayer::from_env) checks up front.
+    pub(crate) fn new(
+        source: Arc<dyn DynSource>,
+        options: CacheOptions,
+        initial: Option<Token>,
+    ) -> Self {
+        let name = Arc::from(source.source_name());
+        let cache = Cache {
+            word: Padded(AtomicU64::new(word(0, UNUSABLE))),
+            confirmed: AtomicU64::new(0),
+            slot: Mutex::new(Slot {
+                current: None,
+                last_generation: 0,
+                flight: None,
+                armed: false,
+                failures: None,
+                retry_at: None,
+                last_error: None,
+                rejections: None,
+                next_hold: None,
+            }),
+            source,
+            name,
+            options,
+            initial: initial.clone(),
+        };
+        if let Some(token) = initial {
+            let mut slot = cache.lock();
+            slot.last_generation = 1;
+            // The word stays `UNUSABLE` until the first request arms the timers on its
+            // runtime.
+            slot.current = Some(cache.entry(token, 1, Instant::now(), None));
+        }
+        cache
+    }
+
+    pub(crate) fn source(&self) -> Arc<dyn DynSource> {
+        Arc::clone(&self.source)
+    }
+
+    pub(crate) fn initial(&self) -> Option<Token> {
+        self.initial.clone()
+    }
+
+    pub(crate) fn options(&self) -> &CacheOptions {
+        &self.options
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slot> {
+        // Every critical section leaves `Slot` consistent before anything that could panic.
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The slow path: returns a usable token, a fetch to wait for, or why there is neither.
+    ///
+    /// Who fetches: the first caller that finds no usable token and no fetch under way spawns
+    /// the fetch, unless the source is backing off after a failure, in which case the caller
+    /// fails at once with the last error. Who waits: every caller that finds no usable token
+    /// while a fetch is under way, including the one that spawned it.
+    fn acquire(self: &Arc<Self>) -> Acquire {
+        let now = Instant::now();
+        let mut slot = self.lock();
+
+        if let Some(entry) = &slot.current {
+            if entry.usable_at(now) {
+                let snapshot = entry.snapshot.clone();
+                if !slot.armed {
+                    self.arm(&mut slot, now);
+                }
+                return Acquire::Ready(snapshot);
+            }
+            slot.current = None;
+            self.word.0.store(word(slot.last_generation, UNUSABLE), Ordering::Release);
+        }
+
+        if slot.flight.is_none() {
+            if let Some(retry_at) = slot.retry_at.filter(|at| now < *at) {
+                let mut error = slot.last_error.clone().unwrap_or(Error::NotReady);
+                if let Error::Fetch { retry_in, .. } = &mut error {
+                    *retry_in = Some(retry_at - now);
+                }
+                return Acquire::Failed(error);
+            }
+            if let Err(error) = self.start_fetch(&mut slot) {
+                return Acquire::Failed(error);
+            }
+        }
+
+        let (tx, rx) = oneshot::channel();
+        if let Some(waiters) = slot.flight.as_mut() {
+            waiters.push(tx);
+        }
+        Acquire::Wait(rx)
+    }
+
+    /// Starts a background fetch when a request found the word `STALE`.
+    ///
+    /// Many requests may see the same `STALE` word; the compare-and-swap back to `FRESH`
+    /// lets exactly one of them through to the lock.
+    fn refresh_stale(self: &Arc<Self>, seen: u64) {
+        let fresh = word(generation(seen), FRESH);
+        if self
+            .word
+            .0
+            .compare_exchange(seen, fresh, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let mut slot = self.lock();
+        if slot.flight.is_none() {
+            tracing::trace!(source = %self.name, "token inside its refresh-ahead window");
+            if let Err(error) = self.start_fetch(&mut slot) {
+                tracing::debug!(source = %self.name, %error, "cannot start a background refresh");
+                // Try again on a later request.
+                let _ = self.word.0.compare_exchange(
+                    fresh,
+                    seen,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+            }
+        }
+    }
+
+    /// Drops the token of `generation` after the server rejected it, and fetches another.
+    ///
+    /// Only that token is dropped: a rejection that arrives after the token was replaced
+    /// changes nothing, so concurrent rejections of one token cause one fetch. A replacement
+    /// token that is itself rejected before it ever worked is kept until its hold time has
+    /// passed (the backoff), so a server that refuses every token does not make the cache
+    /// fetch for every request.
+    pub(crate) fn invalidate(self: &Arc<Self>, rejected: u64) {
+        let now = Instant::now();
+        let mut slot = self.lock();
+        let Some(entry) = slot.current.as_ref() else {
+            return;
+        };
+        if entry.snapshot.generation != rejected {
+            return;
+        }
+
+        let worked = self.confirmed.load(Ordering::Acquire) >= rejected;
+        let replacement = entry.hold_until.is_some();
+        if !worked && entry.hold_until.is_some_and(|until| now < until) {
+            tracing::debug!(
+                source = %self.name,
+                "replacement token rejected too; keeping it until the backoff has passed"
+            );
+            return;
+        }
+        if worked || !replacement {
+            slot.rejections = None;
+        }
+        slot.next_hold = Some(next_attempt(&mut slot.rejections, &self.options));
+
+        tracing::debug!(
+            source = %self.name,
+            token.generation = rejected,
+            "token rejected by the server, as after a rotation; fetching a new one"
+        );
+        slot.current = None;
+        self.word.0.store(word(rejected, UNUSABLE), Ordering::Release);
+        if slot.flight.is_none() && slot.retry_at.is_none_or(|at| at <= now) {
+            if let Err(error) = self.start_fetch(&mut slot) {
+                tracing::debug!(source = %self.name, %error, "cannot start a fetch");
+            }
+        }
+    }
+
+    /// Notes that the token of `generation` got a response that was not a rejection.
+    pub(crate) fn confirm(&self, generation: u64) {
+        // A load first, so that requests write nothing once the generation is confirmed.
+        if self.confirmed.load(Ordering::Relaxed) < generation
+            && self.confirmed.fetch_max(generation, Ordering::AcqRel) < generation
+        {
+            let mut slot = self.lock();
+            if slot
+                .current
+                .as_ref()
+                .is_some_and(|entry| entry.snapshot.generation == generation)
+            {
+                slot.rejections = None;
+            }
+        }
+    }
+
+    /// Spawns the fetch task. The caller holds the lock and registers its own waiter after.
+    fn start_fetch(self: &Arc<Self>, slot: &mut Slot) -> Result<(), Error> {
+        let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
+        slot.flight = Some(Vec::new());
+        let cache = Arc::clone(self);
+        // The task owns the fetch: no request's cancellation reaches it.
+        drop(handle.spawn(async move { cache.fetch().await }));
+        Ok(())
+    }
+
+    async fn fetch(self: Arc<Self>) {
+        let mut guard = FetchGuard {
+            cache: &self,
+            finished: false,
+        };
+        tracing::debug!(source = %self.name, "token fetch started");
+        let started = Instant::now();
+        let result = self.source.fetch_boxed().await;
+        self.complete(result, started);
+        guard.finished = true;
+    }
+
+    /// Publishes the result of a fetch and wakes its waiters.
+    fn complete(self: &Arc<Self>, result: Result<Token, BoxError>, started: Instant) {
+        let now = Instant::now();
+        let fetch_ms = now.saturating_duration_since(started).as_millis() as u64;
+        let mut slot = self.lock();
+        let waiters = slot.flight.take().unwrap_or_default();
+        let hold_until = slot.next_hold.take();
+
+        let outcome = match result {
+            Ok(token) => {
+                slot.failures = None;
+                slot.retry_at = None;
+                slot.last_error = None;
+                slot.last_generation += 1;
+                let expires_in_ms = token
+                    .expires_at
+                    .map(|at| at.saturating_duration_since(now).as_millis() as u64);
+                let entry = self.entry(token, slot.last_generation, now, hold_until);
+                let snapshot = entry.snapshot.clone();
+                if entry.usable_at(now) {
+                    tracing::debug!(
+                        source = %self.name,
+                        fetch_ms,
+                        token.generation = snapshot.generation,
+                        token.expires_in_ms = expires_in_ms,
+                        "token fetched"
+                    );
+                    slot.current = Some(entry);
+                    slot.armed = false;
+                    self.arm(&mut slot, now);
+                } else {
+                    // Cached, it would make every request fetch again at once; the waiters
+                    // get it, since it has not expired yet, and the next request fetches.
+                    tracing::debug!(
+                        source = %self.name,
+                        fetch_ms,
+                        token.expires_in_ms = expires_in_ms,
+                        "token fetched already inside its expiry margin; not cached"
+                    );
+                }
+                Ok(snapshot)
+            }
+            Err(cause) => {
+                let retry_at = next_attempt(&mut slot.failures, &self.options);
+                let retry_in = retry_at.saturating_duration_since(now);
+                let error = Error::Fetch {
+                    source_name: Arc::clone(&self.name),
+                    cause: Arc::from(cause),
+                    retry_in: Some(retry_in),
+                };
+                tracing::debug!(
+                    source = %self.name,
+                    fetch_ms,
+                    %error,
+                    backoff_ms = retry_in.as_millis() as u64,
+                    "token fetch failed; backing off"
+                );
+                slot.retry_at = Some(retry_at);
+                slot.last_error = Some(error.clone());
+                match slot.current.as_ref().filter(|entry| entry.usable_at(now)) {
+                    Some(entry) => {
+                        // Keep sending the token we have; ask the source again once the
+                        // backoff has passed.
+                        let snapshot = entry.snapshot.clone();
+                        let generation = snapshot.generation;
+                        self.word.0.store(word(generation, FRESH), Ordering::Release);
+                        self.watch(generation, vec![(retry_at, STALE)]);
+                        Ok(snapshot)
+                    }
+                    None => Err(error),
+                }
+            }
+        };
+
+        drop(slot);
+        for waiter in waiters {
+            // A waiter that was dropped no longer needs the result.
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+
+    /// Wakes the waiters of a fetch whose task was dropped before it finished.
+    fn abandon(&self) {
+        let waiters = self.lock().flight.take().unwrap_or_default();
+        tracing::debug!(source = %self.name, "token fetch abandoned");
+        for waiter in waiters {
+            let _ = waiter.send(Err(Error::FetchAbandoned {
+                source_name: Arc::clone(&self.name),
+            }));
+        }
+    }
+
+    /// Derives the deadlines of a token received at `now`.
+    fn entry(
+        &self,
+        token: Token,
+        generation: u64,
+        now: Instant,
+        hold_until: Option<Instant>,
+    ) -> Entry {
+        let options = &self.options;
+        let usable_until = token
+            .expires_at
+            .map(|at| at.checked_sub(options.expiry_margin).unwrap_or(now));
+        let ahead = match (token.expires_at, usable_until) {
+            (Some(expires_at), Some(until)) => {
+                let window_start = expires_at
+                    .checked_sub(options.refresh_ahead)
+                    .unwrap_or(now);
+                // Keep at least half of the usable lifetime free of refreshes, so that a
+                // token shorter-lived than the windows does not cause back-to-back fetches.
+                let half = now + until.saturating_duration_since(now) / 2;
+                Some(window_start.max(half).min(until))
+            }
+            _ => None,
+        };
+        let refresh_at = match (ahead, token.refresh_after) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Entry {
+            snapshot: Snapshot {
+                generation,
+                value: token.value.header_value().clone(),
+            },
+            refresh_at,
+            usable_until,
+            hold_until,
+        }
+    }
+
+    /// Publishes `current` and starts the timers that move it through its phases.
+    fn arm(self: &Arc<Self>, slot: &mut Slot, now: Instant) {
+        let Some(entry) = slot.current.as_ref() else {
+            return;
+        };
+        let generation = entry.snapshot.generation;
+        let mut phase = entry.phase_at(now);
+        if phase == STALE && slot.flight.is_some() {
+            // The refresh this phase asks for is already under way.
+            phase = FRESH;
+        }
+        let steps: Vec<_> = [(entry.refresh_at, STALE), (entry.usable_until, UNUSABLE)]
+            .into_iter()
+            .filter_map(|(at, phase)| at.filter(|at| *at > now).map(|at| (at, phase)))
+            .collect();
+        if Handle::try_current().is_err() {
+            // Without timers the word must not claim the token is usable: requests keep
+            // taking the slow path, which reads the clock.
+            return;
+        }
+        slot.armed = true;
+        self.word.0.store(word(generation, phase), Ordering::Release);
+        self.watch(generation, steps);
+    }
+
+    /// Spawns a task that moves the word of `generation` to each phase at its instant.
+    fn watch(self: &Arc<Self>, generation: u64, steps: Vec<(Instant, u64)>) {
+        let Ok(handle) = Handle::try_current() else {
+            return;
+        };
+        if steps.is_empty() {
+            return;
+        }
+        let cache = Arc::downgrade(self);
+        drop(handle.spawn(async move {
+            let mut guard = WatchGuard {
+                cache: cache.clone(),
+                generation,
+                finished: false,
+            };
+            for (at, phase) in steps {
+                sleep_until(at).await;
+                let Some(cache) = cache.upgrade() else {
+                    break;
+                };
+                if !cache.advance(generation, phase) {
+                    break;
+                }
+            }
+            guard.finished = true;
+        }));
+    }
+
+    /// Moves the word of `generation` to `to`; returns `false` once that generation is gone.
+    fn advance(&self, generation: u64, to: u64) -> bool {
+        let mut seen = self.word.0.load(Ordering::Acquire);
+        loop {
+            if self::generation(seen) != generation {
+                return false;
+            }
+            let allowed = match to {
+                STALE => phase(seen) == FRESH,
+                _ => phase(seen) != UNUSABLE,
+            };
+            if !allowed {
+                return phase(seen) != UNUSABLE;
+            }
+            match self.word.0.compare_exchange_weak(
+                seen,
+                word(generation, to),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    tracing::trace!(source = %self.name, token.generation = generation, to, "token phase");
+                    return to != UNUSABLE;
+                }
+                Err(now_seen) => seen = now_seen,
+            }
+        }
+    }
+}
+
+impl fmt::Debug for Cache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cache")
+            .field("source", &self.name)
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Returns the backoff the options describe, or `None` outside a runtime with timers, where
+/// tower's backoff cannot compute a deadline.
+fn backoff(options: &CacheOptions) -> Option<ExponentialBackoff> {
+    Handle::try_current().ok()?;
+    let max = options.backoff_max.max(Duration::from_millis(1));
+    let min = options.backoff_min.min(max);
+    let jitter = if options.backoff_jitter.is_finite() {
+        options.backoff_jitter.clamp(0.0, 100.0)
+    } else {
+        0.0
+    };
+    // The arguments were clamped into the ranges `new` accepts, so it cannot refuse them.
+    let mut maker = ExponentialBackoffMaker::new(min, max, jitter, HasherRng::default()).ok()?;
+    Some(maker.make_backoff())
+}
+
+/// Returns when the next attempt may start, advancing `state`'s backoff.
+fn next_attempt(state: &mut Option<ExponentialBackoff>, options: &CacheOptions) -> Instant {
+    if state.is_none() {
+        *state = backoff(options);
+    }
+    match state.as_mut() {
+        Some(backoff) => backoff.next_backoff().deadline(),
+        None => Instant::now() + options.backoff_min,
+    }
+}
+
+/// Runs when the fetch task is dropped, finished or not.
+struct FetchGuard<'a> {
+    cache: &'a Cache,
+    finished: bool,
+}
+
+impl Drop for FetchGuard<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.cache.abandon();
+        }
+    }
+}
+
+/// Runs when a timer task is dropped, finished or not.
+struct WatchGuard {
+    cache: Weak<Cache>,
+    generation: u64,
+    finished: bool,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        // The runtime went away under the timer: nobody will move the word at the deadlines
+        // any more, so send requests to the slow path, which re-arms on their runtime.
+        let Some(cache) = self.cache.upgrade() else {
+            return;
+        };
+        let mut slot = cache.lock();
+        if slot
+            .current
+            .as_ref()
+            .is_some_and(|entry| entry.snapshot.generation == self.generation)
+        {
+            slot.armed = false;
+            cache
+                .word
+                .0
+                .store(word(self.generation, UNUSABLE), Ordering::Release);
+        }
+    }
+}
+
+/// The per-service side of the cache: the snapshot a service clone sends, and the fetch it
+/// is waiting for.
+pub struct CachedToken {
+    cache: Arc<Cache>,
+    /// Reserved in `poll_ready`, sent in `call`.
+    local: Option<Snapshot>,
+    /// The fetch `poll_ready` is waiting for.
+    waiting: Option<oneshot::Receiver<Outcome>>,
+    /// Why `poll_ready` found no token; taken by the `call` that follows.
+    failed: Option<Error>,
+    /// Set when `poll_ready` has reserved `local` or `failed`; taken in `call`.
+    reserved: bool,
+}
+
+impl CachedToken {
+    pub(crate) fn new(cache: Arc<Cache>) -> Self {
+        CachedToken {
+            cache,
+            local: None,
+            waiting: None,
+            failed: None,
+            reserved: false,
+        }
+    }
+
+    pub(crate) fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Makes sure a token is reserved for the next call, or an error is.
+    pub(crate) fn poll_token(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.reserved {
+            return Poll::Ready(());
+        }
+        let ready = self.poll_reserve(cx);
+        self.reserved = ready.is_ready();
+        ready
+    }
+
+    fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if let Some(rx) = self.waiting.as_mut() {
+                let outcome = match Pin::new(rx).poll(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Ok(outcome)) => outcome,
+                    // The fetch task dropped its waiters without a word, which `abandon`
+                    // prevents; treat it the same way.
+                    Poll::Ready(Err(_)) => Err(Error::FetchAbandoned {
+                        source_name: Arc::clone(&self.cache.name),
+                    }),
+                };
+                self.waiting = None;
+                match outcome {
+                    Ok(snapshot) => self.local = Some(snapshot),
+                    Err(error) => {
+                        self.local = None;
+                        self.failed = Some(error);
+                    }
+                }
+                return Poll::Ready(());
+            }
+
+            let seen = self.cache.word.0.load(Ordering::Acquire);
+            if phase(seen) != UNUSABLE
+                && self
+                    .local
+                    .as_ref()
+                    .is_some_and(|local| local.generation == generation(seen))
+            {
+                return Poll::Ready(());
+            }
+
+            match self.cache.acquire() {
+                Acquire::Ready(snapshot) => {
+                    self.local = Some(snapshot);
+                    return Poll::Ready(());
+                }
+                Acquire::Failed(error) => {
+                    self.local = None;
+                    self.failed = Some(error);
+                    return Poll::Ready(());
+                }
+                Acquire::Wait(rx) => self.waiting = Some(rx),
+            }
+        }
+    }
+
+    /// Takes the reservation `poll_token` made: the token to send, or why there is none.
+    ///
+    /// Starts a background refresh when the word says one is due.
+    pub(crate) fn take(&mut self) -> Result<&Snapshot, Error> {
+        if !std::mem::take(&mut self.reserved) {
+            return Err(Error::NotReady);
+        }
+        if let Some(error) = self.failed.take() {
+            return Err(error);
+        }
+        let Some(local) = self.local.as_ref() else {
+            return Err(Error::NotReady);
+        };
+        let seen = self.cache.word.0.load(Ordering::Acquire);
+        if phase(seen) == STALE && generation(seen) == local.generation {
+            self.cache.refresh_stale(seen);
+        }
+        Ok(local)
+    }
+}
+
+impl Clone for CachedToken {
+    fn clone(&self) -> Self {
+        CachedToken {
+            cache: Arc::clone(&self.cache),
+            local: self.local.clone(),
+            waiting: None,
+            failed: None,
+            reserved: false,
+        }
+    }
+}
+
+impl fmt::Debug for CachedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedToken")
+            .field("source", &self.cache.name)
+            .field("reserved", &self.local.is_some())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,201 @@
+//! Where credentials may go: the scheme check that keeps them off plain http, and the scope
+//! that keeps them to chosen origins.
+//!
+//! ```
+//! use tower_twn_auth::Origin;
+//!
+//! let api: Origin = "https://navigator-api.tweakwise.com".parse()?;
+//! assert_eq!(api.to_string(), "https://navigator-api.tweakwise.com:443");
+//! assert!("ftp://example.test".parse::<Origin>().is_err());
+//! # Ok::<(), tower_twn_auth::InvalidOrigin>(())
+//! ```
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use http::uri::{Scheme, Uri};
+
+use crate::error::Error;
+
+/// A scheme, host and port to which credentials may be sent.
+///
+/// Hosts compare without regard to case; a missing port is the scheme's default (443 for
+/// `https`, 80 for `http`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Origin {
+    https: bool,
+    host: Box<str>,
+    port: u16,
+}
+
+/// A string that is not an origin: it lacks an `http` or `https` scheme or a host, or has a
+/// path, query or user info.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InvalidOrigin {
+    reason: &'static str,
+}
+
+impl fmt::Display for InvalidOrigin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid origin: {}", self.reason)
+    }
+}
+
+impl std::error::Error for InvalidOrigin {}
+
+impl Origin {
+    /// Returns the origin of `uri`, such as `https://navigator-api.tweakwise.com`.
+    ///
+    /// # Errors
+    ///
+    /// Returns [`InvalidOrigin`] unless `uri` is `http` or `https` with a host, and at most
+    /// `/` as its path.
+    ///
+    /// ```
+    /// use tower_twn_auth::Origin;
+    ///
+    /// assert!(Origin::new("http://127.0.0.1:8080").is_ok());
+    /// assert!(Origin::new("https://api.example.test/v1").is_err());
+    /// ```
+    pub fn new(uri: &str) -> Result<Self, InvalidOrigin> {
+        let invalid = |reason| InvalidOrigin { reason };
+        let uri: Uri = uri.parse().map_err(|_| invalid("not a URI"))?;
+        let https = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            _ => return Err(invalid("the scheme must be http or https")),
+        };
+        let authority = uri.authority().ok_or_else(|| invalid("no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(invalid("user info is not part of an origin"));
+        }
+        if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+            return Err(invalid("a path or query is not part of an origin"));
+        }
+        let host = authority.host();
+        if host.is_empty() {
+            return Err(invalid("no host"));
+        }
+        Ok(Origin {
+            https,
+            host: host.to_ascii_lowercase().into(),
+            port: authority.port_u16().unwrap_or(default_port(https)),
+        })
+    }
+
+    fn matches(&self, https: bool, host: &str, port: u16) -> bool {
+        self.https == https && self.port == port && self.host.eq_ignore_ascii_case(host)
+    }
+}
+
+impl FromStr for Origin {
+    type Err = InvalidOrigin;
+
+    fn from_str(uri: &str) -> Result<Self, Self::Err> {
+        Origin::new(uri)
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+const fn default_port(https: bool) -> u16 {
+    if https {
+        443
+    } else {
+        80
+    }
+}
+
+/// What to do with a request, given its URI.
+pub(crate) enum Verdict {
+    /// Attach the credentials.
+    Attach,
+    /// Outside the scope: send the request without any TWN header.
+    Strip,
+    /// Fail the request without calling the inner service.
+    Refuse(Error),
+}
+
+/// The destination rules of a layer.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Destinations {
+    pub(crate) allow_plain_http: bool,
+    pub(crate) allow_relative: bool,
+    pub(crate) scope: Option<Arc<[Origin]>>,
+}
+
+impl Destinations {
+    /// Decides, from the URI alone, whether credentials may go with a request.
+    pub(crate) fn verdict(&self, uri: &Uri) -> Verdict {
+        let (Some(scheme), Some(host)) = (uri.scheme(), uri.host()) else {
+            return if self.allow_relative {
+                Verdict::Attach
+            } else {
+                Verdict::Refuse(Error::UnknownDestination)
+            };
+        };
+        let https = if *scheme == Scheme::HTTPS {
+            true
+        } else if *scheme == Scheme::HTTP {
+            false
+        } else {
+            return self.outside_scope_or(Verdict::Refuse(Error::InsecureDestination {
+                host: host.into(),
+            }));
+        };
+
+        if let Some(scope) = &self.scope {
+            let port = uri.port_u16().unwrap_or(default_port(https));
+            if !scope.iter().any(|origin| origin.matches(https, host, port)) {
+                return Verdict::Strip;
+            }
+        }
+        if https || self.allow_plain_http || is_loopback(host) {
+            Verdict::Attach
+        } else {
+            Verdict::Refuse(Error::InsecureDestination { host: host.into() })
+        }
+    }
+
+    /// A request the scope excludes is not refused: it simply goes without credentials.
+    fn outside_scope_or(&self, verdict: Verdict) -> Verdict {
+        if self.scope.is_some() {
+            Verdict::Strip
+        } else {
+            verdict
+        }
+    }
+}
+
+/// Whether `host` (as `Uri::host` gives it, IPv6 in brackets) is this machine.
+pub(crate) fn is_loopback(host: &str) -> bool {
+    if host.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        return v6.parse::<Ipv6Addr>().is_ok_and(|ip| ip.is_loopback());
+    }
+    host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_hosts_are_recognised() {
+        for host in ["localhost", "LocalHost", "127.0.0.1", "127.9.8.7", "[::1]"] {
+            assert!(is_loopback(host), "{host}");
+        }
+        for host in ["localhost.example", "128.0.0.1", "[::2]", "10.0.0.1", "example.test"] {
+            assert!(!is_loopback(host), "{host}");
+        }
+    }
+}
