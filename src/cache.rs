@@ -240,7 +240,9 @@ impl Cache {
                 return Acquire::Ready(snapshot);
             }
             slot.current = None;
-            self.word.0.store(word(slot.last_generation, UNUSABLE), Ordering::Release);
+            self.word
+                .0
+                .store(word(slot.last_generation, UNUSABLE), Ordering::Release);
         }
 
         if slot.flight.is_none() {
@@ -283,12 +285,10 @@ impl Cache {
             if let Err(error) = self.start_fetch(&mut slot) {
                 tracing::debug!(source = %self.name, %error, "cannot start a background refresh");
                 // Try again on a later request.
-                let _ = self.word.0.compare_exchange(
-                    fresh,
-                    seen,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
+                let _ =
+                    self.word
+                        .0
+                        .compare_exchange(fresh, seen, Ordering::AcqRel, Ordering::Acquire);
             }
         }
     }
@@ -330,7 +330,9 @@ impl Cache {
             "token rejected by the server, as after a rotation; fetching a new one"
         );
         slot.current = None;
-        self.word.0.store(word(rejected, UNUSABLE), Ordering::Release);
+        self.word
+            .0
+            .store(word(rejected, UNUSABLE), Ordering::Release);
         if slot.flight.is_none() && slot.retry_at.is_none_or(|at| at <= now) {
             if let Err(error) = self.start_fetch(&mut slot) {
                 tracing::debug!(source = %self.name, %error, "cannot start a fetch");
@@ -442,7 +444,9 @@ impl Cache {
                         // backoff has passed.
                         let snapshot = entry.snapshot.clone();
                         let generation = snapshot.generation;
-                        self.word.0.store(word(generation, FRESH), Ordering::Release);
+                        self.word
+                            .0
+                            .store(word(generation, FRESH), Ordering::Release);
                         self.watch(generation, vec![(retry_at, STALE)]);
                         Ok(snapshot)
                     }
@@ -483,9 +487,7 @@ impl Cache {
             .map(|at| at.checked_sub(options.expiry_margin).unwrap_or(now));
         let ahead = match (token.expires_at, usable_until) {
             (Some(expires_at), Some(until)) => {
-                let window_start = expires_at
-                    .checked_sub(options.refresh_ahead)
-                    .unwrap_or(now);
+                let window_start = expires_at.checked_sub(options.refresh_ahead).unwrap_or(now);
                 // Keep at least half of the usable lifetime free of refreshes, so that a
                 // token shorter-lived than the windows does not cause back-to-back fetches.
                 let half = now + until.saturating_duration_since(now) / 2;
@@ -529,7 +531,9 @@ impl Cache {
             return;
         }
         slot.armed = true;
-        self.word.0.store(word(generation, phase), Ordering::Release);
+        self.word
+            .0
+            .store(word(generation, phase), Ordering::Release);
         self.watch(generation, steps);
     }
 

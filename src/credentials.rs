@@ -100,7 +100,12 @@ impl InstanceKey {
     /// ```
     pub fn from_env(variable: &str) -> Result<Self, LoadError> {
         let raw = read_env(variable)?;
-        load(CredentialKind::InstanceKey, LoadedFrom::Env(variable.into()), &raw).map(InstanceKey)
+        load(
+            CredentialKind::InstanceKey,
+            LoadedFrom::Env(variable.into()),
+            &raw,
+        )
+        .map(InstanceKey)
     }
 
     pub(crate) fn header_value(&self) -> &HeaderValue {
@@ -144,7 +149,12 @@ impl AccessToken {
     /// ```
     pub fn from_env(variable: &str) -> Result<Self, LoadError> {
         let raw = read_env(variable)?;
-        load(CredentialKind::AccessToken, LoadedFrom::Env(variable.into()), &raw).map(AccessToken)
+        load(
+            CredentialKind::AccessToken,
+            LoadedFrom::Env(variable.into()),
+            &raw,
+        )
+        .map(AccessToken)
     }
 
     /// Reads the access token from the file at `path`, trimming surrounding whitespace.
@@ -313,7 +323,10 @@ fn load(kind: CredentialKind, origin: LoadedFrom, raw: &[u8]) -> Result<HeaderVa
 pub(crate) fn trim(raw: &[u8]) -> &[u8] {
     let is_space = |b: &u8| matches!(b, b' ' | b'\t' | b'\r' | b'\n');
     let start = raw.iter().position(|b| !is_space(b)).unwrap_or(raw.len());
-    let end = raw.iter().rposition(|b| !is_space(b)).map_or(start, |i| i + 1);
+    let end = raw
+        .iter()
+        .rposition(|b| !is_space(b))
+        .map_or(start, |i| i + 1);
     &raw[start..end]
 }
 
@@ -378,11 +391,20 @@ mod tests {
         let reason = |s: &[u8]| check(CredentialKind::AccessToken, s).unwrap_err().reason();
         assert_eq!(reason(b""), InvalidReason::Empty);
         assert_eq!(reason(b" a"), InvalidReason::LeadingWhitespace);
-        assert_eq!(reason(b"ab \t"), InvalidReason::TrailingWhitespace { position: 2 });
-        assert_eq!(reason(b"a b"), InvalidReason::InnerWhitespace { position: 1 });
+        assert_eq!(
+            reason(b"ab \t"),
+            InvalidReason::TrailingWhitespace { position: 2 }
+        );
+        assert_eq!(
+            reason(b"a b"),
+            InvalidReason::InnerWhitespace { position: 1 }
+        );
         assert_eq!(reason(b"a\nb"), InvalidReason::ControlByte { position: 1 });
         assert_eq!(reason(b"a\x7f"), InvalidReason::ControlByte { position: 1 });
-        assert_eq!(reason("aé".as_bytes()), InvalidReason::NonAscii { position: 1 });
+        assert_eq!(
+            reason("aé".as_bytes()),
+            InvalidReason::NonAscii { position: 1 }
+        );
     }
 
     #[test]

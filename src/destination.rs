@@ -194,7 +194,13 @@ mod tests {
         for host in ["localhost", "LocalHost", "127.0.0.1", "127.9.8.7", "[::1]"] {
             assert!(is_loopback(host), "{host}");
         }
-        for host in ["localhost.example", "128.0.0.1", "[::2]", "10.0.0.1", "example.test"] {
+        for host in [
+            "localhost.example",
+            "128.0.0.1",
+            "[::2]",
+            "10.0.0.1",
+            "example.test",
+        ] {
             assert!(!is_loopback(host), "{host}");
         }
     }

@@ -298,7 +298,9 @@ impl<P> TwnAuthLayer<P> {
     /// and the inner service is not called. Allow it only for a hop you control, such as a
     /// proxy on a private network that forwards over https.
     pub fn allow_plain_http(mut self) -> Self {
-        Arc::make_mut(&mut self.shared).destinations.allow_plain_http = true;
+        Arc::make_mut(&mut self.shared)
+            .destinations
+            .allow_plain_http = true;
         self
     }
 

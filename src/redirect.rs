@@ -83,6 +83,8 @@ fn same_origin(a: &Uri, b: &Uri) -> bool {
         })
     };
     a.scheme() == b.scheme()
-        && a.host().zip(b.host()).is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
+        && a.host()
+            .zip(b.host())
+            .is_some_and(|(x, y)| x.eq_ignore_ascii_case(y))
         && port(a) == port(b)
 }

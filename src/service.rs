@@ -112,7 +112,11 @@ where
                 None,
             ),
             (_, None) => match reserved {
-                Ok((token, watch)) => (self.shared.instance_key.header_value().clone(), token, watch),
+                Ok((token, watch)) => (
+                    self.shared.instance_key.header_value().clone(),
+                    token,
+                    watch,
+                ),
                 Err(error) => return ResponseFuture::refused(error),
             },
         };

@@ -48,7 +48,10 @@ type Inner = tower::util::BoxCloneSyncService<Request<()>, Response<()>, Infalli
 fn inner(seen: &Seen) -> Inner {
     let seen = seen.clone();
     tower::util::BoxCloneSyncService::new(tower::service_fn(move |req: Request<()>| {
-        let value = req.headers()["twn-authentication"].to_str().unwrap().to_owned();
+        let value = req.headers()["twn-authentication"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         seen.0.lock().unwrap().push(value);
         async { Ok::<_, Infallible>(Response::new(())) }
     }))
@@ -89,7 +92,9 @@ impl TokenSource for Counting {
 }
 
 fn service(layer: &TwnAuthLayer<CachedToken>, seen: &Seen) -> TwnAuth<Inner, CachedToken> {
-    ServiceBuilder::new().layer(layer.clone()).service(inner(seen))
+    ServiceBuilder::new()
+        .layer(layer.clone())
+        .service(inner(seen))
 }
 
 async fn send(service: &TwnAuth<Inner, CachedToken>) -> Result<Response<()>, BoxError> {
@@ -487,27 +492,32 @@ async fn failed_refresh_keeps_valid_token_and_retries_after_backoff() {
 
 #[tokio::test(start_paused = true)]
 async fn failed_fetch_without_token_fails_waiters_then_next_request_retries_after_backoff() {
-    let source = Script::new(vec![
-        Err("secret store unavailable"),
-        Ok(token("tok-1")),
-    ]);
+    let source = Script::new(vec![Err("secret store unavailable"), Ok(token("tok-1"))]);
     let layer = TwnAuthLayer::with_token_source(key(), source.clone())
         .backoff(Duration::from_secs(2), Duration::from_secs(2));
     let seen = Seen::default();
     let service = service(&layer, &seen);
 
     let error = send(&service).await.unwrap_err();
-    let error = error.downcast_ref::<Error>().expect("a tower_twn_auth::Error");
+    let error = error
+        .downcast_ref::<Error>()
+        .expect("a tower_twn_auth::Error");
     assert!(matches!(error, Error::Fetch { .. }));
     assert!(error.to_string().contains("script"), "{error}");
-    assert!(error.to_string().contains("secret store unavailable"), "{error}");
+    assert!(
+        error.to_string().contains("secret store unavailable"),
+        "{error}"
+    );
     assert!(std::error::Error::source(error).is_some());
 
     // Within the backoff: fail fast, no fetch.
     let error = send(&service).await.unwrap_err();
     assert!(matches!(
         error.downcast_ref::<Error>(),
-        Some(Error::Fetch { retry_in: Some(_), .. })
+        Some(Error::Fetch {
+            retry_in: Some(_),
+            ..
+        })
     ));
     assert_eq!(source.fetches(), 1);
     assert!(seen.all().is_empty(), "the inner service was called");
@@ -526,7 +536,9 @@ async fn invalid_token_from_source_is_an_error_never_a_header() {
     let service = service(&layer, &seen);
 
     let error = send(&service).await.unwrap_err();
-    let error = error.downcast_ref::<Error>().expect("a tower_twn_auth::Error");
+    let error = error
+        .downcast_ref::<Error>()
+        .expect("a tower_twn_auth::Error");
     assert!(error.to_string().contains("TWN-Authentication"), "{error}");
     assert!(!error.to_string().contains("bad"), "{error}");
     assert!(seen.all().is_empty());
@@ -655,7 +667,13 @@ async fn eight_tasks_hammering_during_background_refreshes_see_exact_fetch_count
             let mut sent = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let mut service = service.clone();
-                service.ready().await.unwrap().call(request()).await.unwrap();
+                service
+                    .ready()
+                    .await
+                    .unwrap()
+                    .call(request())
+                    .await
+                    .unwrap();
                 sent += 1;
                 tokio::task::yield_now().await;
             }

@@ -139,7 +139,8 @@ impl Token {
 }
 
 /// A boxed fetch, so that the cache can hold any source behind one type.
-pub(crate) type FetchFuture<'a> = Pin<Box<dyn Future<Output = Result<Token, BoxError>> + Send + 'a>>;
+pub(crate) type FetchFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Token, BoxError>> + Send + 'a>>;
 
 /// [`TokenSource`] made object-safe.
 pub(crate) trait DynSource: Send + Sync + 'static {
