@@ -1,0 +1,809 @@
+//! Where credentials may go: the scheme check, the scope, and per-request credentials, for
+//! layers with a fixed token and with a token source.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderMap, Request, Response};
+use tower::{BoxError, Layer, Service, ServiceExt};
+use tower_twn_auth::{
+    AccessToken, CachedToken, Error, InstanceKey, Origin, Token, TokenProvider, TwnAuthLayer,
+    TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
+};
+
+const LAYER_KEY: &str = "ik-layer";
+const LAYER_TOKEN: &str = "tok-layer";
+const SOURCE_TOKEN: &str = "tok-from-source";
+
+/// What the inner service found on a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    instance_keys: Vec<String>,
+    tokens: Vec<String>,
+    all_sensitive: bool,
+}
+
+impl Seen {
+    fn from_headers(headers: &HeaderMap) -> Self {
+        let values = |name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|value| value.to_str().expect("visible ASCII").to_owned())
+                .collect::<Vec<_>>()
+        };
+        let all_sensitive = [TWN_INSTANCEKEY, TWN_AUTHENTICATION]
+            .iter()
+            .flat_map(|name| headers.get_all(name))
+            .all(|value| value.is_sensitive());
+        Seen {
+            instance_keys: values(TWN_INSTANCEKEY),
+            tokens: values(TWN_AUTHENTICATION),
+            all_sensitive,
+        }
+    }
+
+    /// Exactly one value of each header, both sensitive.
+    fn pair(key: &str, token: &str) -> Self {
+        Seen {
+            instance_keys: vec![key.to_owned()],
+            tokens: vec![token.to_owned()],
+            all_sensitive: true,
+        }
+    }
+
+    fn none() -> Self {
+        Seen {
+            instance_keys: Vec::new(),
+            tokens: Vec::new(),
+            all_sensitive: true,
+        }
+    }
+}
+
+/// An inner service that answers with what it found on the request, counting its calls.
+fn recorder(
+    calls: Arc<AtomicUsize>,
+) -> impl Service<
+    Request<()>,
+    Response = Response<Seen>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Seen>, Infallible>> + Send,
+> + Clone
+       + Send
+       + 'static {
+    tower::service_fn(move |request: Request<()>| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        let seen = Seen::from_headers(request.headers());
+        async move {
+            // Give other requests a chance to run in between, so that concurrent requests
+            // interleave inside the stack.
+            tokio::task::yield_now().await;
+            tokio::task::yield_now().await;
+            Ok::<_, Infallible>(Response::new(seen))
+        }
+    })
+}
+
+/// Sends `request` through `layer` over a fresh recorder; returns what arrived and how many
+/// times the inner service was called.
+async fn send<P: TokenProvider>(
+    layer: &TwnAuthLayer<P>,
+    request: Request<()>,
+) -> (Result<Seen, BoxError>, usize) {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = layer.layer(recorder(Arc::clone(&calls)));
+    let result = service.oneshot(request).await.map(Response::into_body);
+    (result, calls.load(Ordering::SeqCst))
+}
+
+fn get(uri: &str) -> Request<()> {
+    Request::get(uri).body(()).expect("valid request")
+}
+
+fn with_stale_headers(uri: &str) -> Request<()> {
+    Request::get(uri)
+        .header("TWN-InstanceKey", "stale")
+        .header("TWN-Authentication", "stale")
+        .header("TWN-Authentication", "stale-too")
+        .body(())
+        .expect("valid request")
+}
+
+fn with_credentials(uri: &str, credentials: TwnCredentials) -> Request<()> {
+    Request::get(uri)
+        .extension(credentials)
+        .body(())
+        .expect("valid request")
+}
+
+fn credentials(key: &str, token: &str) -> TwnCredentials {
+    TwnCredentials::new(
+        InstanceKey::new(key).expect("valid key"),
+        AccessToken::new(token).expect("valid token"),
+    )
+}
+
+fn static_layer() -> TwnAuthLayer {
+    TwnAuthLayer::new(
+        InstanceKey::new(LAYER_KEY).expect("valid key"),
+        AccessToken::new(LAYER_TOKEN).expect("valid token"),
+    )
+}
+
+/// A layer whose token comes from a source that never expires it; returns the fetch count.
+fn cached_layer() -> (TwnAuthLayer<CachedToken>, Arc<AtomicUsize>) {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let layer = TwnAuthLayer::with_token_source(
+        InstanceKey::new(LAYER_KEY).expect("valid key"),
+        move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok(Token::new(AccessToken::new(SOURCE_TOKEN)?)) }
+        },
+    );
+    (layer, fetches)
+}
+
+fn origin(uri: &str) -> Origin {
+    Origin::new(uri).expect("valid origin")
+}
+
+#[track_caller]
+fn assert_insecure(result: Result<Seen, BoxError>, expected_host: &str) {
+    let err = result.expect_err("the request must be refused");
+    match err.downcast_ref::<Error>() {
+        Some(Error::InsecureDestination { host, .. }) => assert_eq!(host, expected_host),
+        other => panic!("expected InsecureDestination, got {other:?} ({err})"),
+    }
+}
+
+#[track_caller]
+fn assert_unknown(result: Result<Seen, BoxError>) {
+    let err = result.expect_err("the request must be refused");
+    assert!(
+        matches!(
+            err.downcast_ref::<Error>(),
+            Some(Error::UnknownDestination { .. })
+        ),
+        "expected UnknownDestination, got {err:?}"
+    );
+}
+
+// ----- the scheme check -----
+
+#[tokio::test]
+async fn plain_http_to_remote_host_is_refused_without_calling_inner() {
+    let (result, calls) = send(&static_layer(), get("http://api.example.test/")).await;
+
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+}
+
+#[tokio::test]
+async fn plain_http_to_remote_host_is_refused_even_with_explicit_port_or_ip() {
+    for (uri, host) in [
+        ("http://api.example.test:8080/stats", "api.example.test"),
+        ("http://10.0.0.1/", "10.0.0.1"),
+        ("http://128.0.0.1/", "128.0.0.1"),
+        ("http://[::2]:8080/", "[::2]"),
+        ("http://localhost.example.test/", "localhost.example.test"),
+    ] {
+        let (result, calls) = send(&static_layer(), get(uri)).await;
+        assert_insecure(result, host);
+        assert_eq!(calls, 0, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn https_and_loopback_http_destinations_carry_both_headers() {
+    for uri in [
+        "http://127.0.0.1:8080/stats/totalproducts",
+        "http://127.9.8.7/",
+        "http://localhost/",
+        "http://LOCALHOST:3000/",
+        "http://[::1]:8080/",
+        "https://api.example.test/",
+        "https://api.example.test:8443/stats",
+    ] {
+        let (result, calls) = send(&static_layer(), get(uri)).await;
+        assert_eq!(
+            result.expect(uri),
+            Seen::pair(LAYER_KEY, LAYER_TOKEN),
+            "{uri}"
+        );
+        assert_eq!(calls, 1, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn allow_plain_http_lets_plain_http_to_remote_host_through_with_both_headers() {
+    let layer = static_layer().allow_plain_http();
+
+    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn relative_uri_is_refused_with_unknown_destination_without_calling_inner() {
+    for uri in ["/stats/totalproducts", "*"] {
+        let (result, calls) = send(&static_layer(), get(uri)).await;
+        assert_unknown(result);
+        assert_eq!(calls, 0, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn relative_uri_is_refused_even_with_allow_plain_http() {
+    let layer = static_layer().allow_plain_http();
+
+    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+
+    assert_unknown(result);
+    assert_eq!(calls, 0);
+}
+
+#[tokio::test]
+async fn allow_relative_uris_lets_relative_uri_through_with_both_headers() {
+    let layer = static_layer().allow_relative_uris();
+
+    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn allow_relative_uris_still_refuses_plain_http_to_remote_host() {
+    let layer = static_layer().allow_relative_uris();
+
+    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+}
+
+#[tokio::test]
+async fn other_schemes_are_refused_without_calling_inner_even_with_allow_plain_http() {
+    for layer in [static_layer(), static_layer().allow_plain_http()] {
+        for uri in [
+            "ftp://api.example.test/",
+            "ws://127.0.0.1:8080/",
+            "wss://api.example.test/",
+        ] {
+            let host = uri
+                .split("://")
+                .nth(1)
+                .unwrap()
+                .split([':', '/'])
+                .next()
+                .unwrap();
+            let (result, calls) = send(&layer, get(uri)).await;
+            assert_insecure(result, host);
+            assert_eq!(calls, 0, "{uri}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn header_values_already_on_the_request_are_replaced_by_exactly_one_each() {
+    let (result, calls) = send(
+        &static_layer(),
+        with_stale_headers("https://api.example.test/"),
+    )
+    .await;
+
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+// ----- the scope -----
+
+fn scoped_to_tweakwise(layer: TwnAuthLayer) -> TwnAuthLayer {
+    layer.scope(origin("https://navigator-api.tweakwise.com"))
+}
+
+#[tokio::test]
+async fn scoped_layer_sends_request_to_other_origin_without_any_twn_header() {
+    let layer = scoped_to_tweakwise(static_layer());
+
+    let (result, calls) = send(&layer, with_stale_headers("https://other.example.test/")).await;
+
+    assert_eq!(result.unwrap(), Seen::none());
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn scoped_layer_attaches_both_headers_to_scoped_origin_in_any_spelling() {
+    let layer = scoped_to_tweakwise(static_layer());
+
+    for uri in [
+        "https://navigator-api.tweakwise.com/stats/totalproducts",
+        "https://navigator-api.tweakwise.com:443/stats/totalproducts",
+        "https://NAVIGATOR-API.Tweakwise.COM/stats/totalproducts",
+        "https://navigator-api.tweakwise.com",
+    ] {
+        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
+        assert_eq!(
+            result.expect(uri),
+            Seen::pair(LAYER_KEY, LAYER_TOKEN),
+            "{uri}"
+        );
+        assert_eq!(calls, 1, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn scope_given_with_upper_case_host_and_default_port_matches_lower_case_requests() {
+    let layer = static_layer().scope(origin("HTTPS://Navigator-API.tweakwise.com:443/"));
+
+    let (result, calls) = send(
+        &layer,
+        get("https://navigator-api.tweakwise.com/stats/totalproducts"),
+    )
+    .await;
+
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn scope_treats_other_scheme_or_port_on_same_host_as_other_origin() {
+    let layer = static_layer()
+        .allow_plain_http()
+        .scope(origin("https://api.example.test"));
+
+    for uri in [
+        "http://api.example.test/",
+        "http://api.example.test:443/",
+        "https://api.example.test:8443/",
+        "https://api.example.test.evil.test/",
+        "https://example.test/",
+    ] {
+        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
+        assert_eq!(result.expect(uri), Seen::none(), "{uri}");
+        assert_eq!(calls, 1, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn scope_on_loopback_treats_other_port_and_https_as_other_origin() {
+    let layer = static_layer().scope(origin("http://127.0.0.1:8080"));
+
+    let (result, calls) = send(&layer, get("http://127.0.0.1:8080/x")).await;
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+
+    for uri in [
+        "http://127.0.0.1:8081/x",
+        "https://127.0.0.1:8080/x",
+        "http://127.0.0.1/x",
+        "http://localhost:8080/x",
+    ] {
+        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
+        assert_eq!(result.expect(uri), Seen::none(), "{uri}");
+        assert_eq!(calls, 1, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn scope_called_twice_allows_both_origins_and_no_other() {
+    let layer = static_layer()
+        .scope(origin("https://navigator-api.tweakwise.com"))
+        .scope(origin("https://gateway.tweakwise.test:8443"));
+
+    for uri in [
+        "https://navigator-api.tweakwise.com/a",
+        "https://gateway.tweakwise.test:8443/b",
+    ] {
+        let (result, _) = send(&layer, get(uri)).await;
+        assert_eq!(
+            result.expect(uri),
+            Seen::pair(LAYER_KEY, LAYER_TOKEN),
+            "{uri}"
+        );
+    }
+    let (result, calls) = send(&layer, get("https://gateway.tweakwise.test/b")).await;
+    assert_eq!(result.unwrap(), Seen::none());
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn scoped_plain_http_origin_is_still_refused_without_allow_plain_http() {
+    let layer = static_layer().scope(origin("http://api.example.test"));
+
+    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+
+    let layer = layer.allow_plain_http();
+    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn scoped_layer_passes_other_scheme_through_without_twn_headers() {
+    let layer = scoped_to_tweakwise(static_layer());
+
+    let (result, calls) = send(&layer, with_stale_headers("ftp://files.example.test/")).await;
+
+    assert_eq!(result.unwrap(), Seen::none());
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn scoped_layer_still_refuses_relative_uri_unless_allowed() {
+    let layer = scoped_to_tweakwise(static_layer());
+    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+    assert_unknown(result);
+    assert_eq!(calls, 0);
+
+    let layer = layer.allow_relative_uris();
+    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[test]
+fn origin_rejects_paths_queries_user_info_and_other_schemes() {
+    for uri in [
+        "https://api.example.test/v1",
+        "https://api.example.test/?q=1",
+        "https://user@api.example.test",
+        "ftp://api.example.test",
+        "api.example.test",
+        "/relative",
+        "",
+    ] {
+        assert!(Origin::new(uri).is_err(), "{uri}");
+    }
+    assert_eq!(
+        origin("HTTPS://Navigator-API.tweakwise.com").to_string(),
+        "https://navigator-api.tweakwise.com:443"
+    );
+    assert_eq!(
+        origin("http://127.0.0.1").to_string(),
+        "http://127.0.0.1:80"
+    );
+}
+
+// ----- per-request credentials -----
+
+#[tokio::test]
+async fn request_credentials_replace_the_layer_pair_for_that_request_only() {
+    let layer = static_layer();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut service = layer.layer(recorder(Arc::clone(&calls)));
+
+    let own = with_credentials(
+        "https://api.example.test/",
+        credentials("ik-shop-b", "tok-b"),
+    );
+    let seen_own = service
+        .ready()
+        .await
+        .unwrap()
+        .call(own)
+        .await
+        .unwrap()
+        .into_body();
+    let plain = with_stale_headers("https://api.example.test/");
+    let seen_plain = service
+        .ready()
+        .await
+        .unwrap()
+        .call(plain)
+        .await
+        .unwrap()
+        .into_body();
+
+    assert_eq!(seen_own, Seen::pair("ik-shop-b", "tok-b"));
+    assert_eq!(seen_plain, Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn request_credentials_replace_header_values_already_on_the_request() {
+    let mut request = with_stale_headers("https://api.example.test/");
+    request
+        .extensions_mut()
+        .insert(credentials("ik-shop-b", "tok-b"));
+
+    let (result, calls) = send(&static_layer(), request).await;
+
+    assert_eq!(result.unwrap(), Seen::pair("ik-shop-b", "tok-b"));
+    assert_eq!(calls, 1);
+}
+
+/// Fires `total` requests at one shared service from many tasks, cycling through the layer's
+/// own pair and two instances' pairs, and checks each response against what its request
+/// carried.
+async fn assert_pairs_never_mix<P>(layer: TwnAuthLayer<P>, layer_token: &str, total: usize)
+where
+    P: TokenProvider,
+{
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = layer.layer(recorder(Arc::clone(&calls)));
+    let shop_a = credentials("ik-shop-a", "tok-shop-a");
+    let shop_b = credentials("ik-shop-b", "tok-shop-b");
+
+    let mut tasks = Vec::with_capacity(total);
+    for i in 0..total {
+        let uri = format!("https://navigator-api.tweakwise.com/request/{i}");
+        let (request, expected) = match i % 3 {
+            0 => (
+                with_credentials(&uri, shop_a.clone()),
+                Seen::pair("ik-shop-a", "tok-shop-a"),
+            ),
+            1 => (
+                with_credentials(&uri, shop_b.clone()),
+                Seen::pair("ik-shop-b", "tok-shop-b"),
+            ),
+            _ => (get(&uri), Seen::pair(LAYER_KEY, layer_token)),
+        };
+        let service = service.clone();
+        tasks.push(tokio::spawn(async move {
+            (i, expected, service.oneshot(request).await)
+        }));
+    }
+
+    for task in tasks {
+        let (i, expected, result) = task.await.expect("task did not panic");
+        let seen = result.expect("request succeeds").into_body();
+        assert_eq!(seen, expected, "request {i}");
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_two_instances_each_arrive_with_their_own_pair() {
+    assert_pairs_never_mix(static_layer(), LAYER_TOKEN, 240).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_for_two_instances_through_cached_layer_never_mix_pairs() {
+    let (layer, fetches) = cached_layer();
+
+    assert_pairs_never_mix(layer, SOURCE_TOKEN, 240).await;
+
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn request_credentials_to_plain_http_remote_host_are_refused_without_calling_inner() {
+    let request = with_credentials("http://api.example.test/", credentials("ik-b", "tok-b"));
+
+    let (result, calls) = send(&static_layer(), request).await;
+
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+}
+
+#[tokio::test]
+async fn request_credentials_on_relative_uri_are_refused_unless_allowed() {
+    let request = with_credentials("/stats/totalproducts", credentials("ik-b", "tok-b"));
+    let (result, calls) = send(&static_layer(), request).await;
+    assert_unknown(result);
+    assert_eq!(calls, 0);
+
+    let layer = static_layer().allow_relative_uris();
+    let request = with_credentials("/stats/totalproducts", credentials("ik-b", "tok-b"));
+    let (result, calls) = send(&layer, request).await;
+    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn request_credentials_to_loopback_http_and_https_are_sent() {
+    for uri in ["http://127.0.0.1:8080/", "https://api.example.test/"] {
+        let request = with_credentials(uri, credentials("ik-b", "tok-b"));
+        let (result, calls) = send(&static_layer(), request).await;
+        assert_eq!(result.expect(uri), Seen::pair("ik-b", "tok-b"), "{uri}");
+        assert_eq!(calls, 1, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn request_credentials_to_origin_outside_scope_are_not_sent() {
+    let layer = scoped_to_tweakwise(static_layer());
+    let mut request = with_stale_headers("https://other.example.test/");
+    request
+        .extensions_mut()
+        .insert(credentials("ik-b", "tok-b"));
+
+    let (result, calls) = send(&layer, request).await;
+
+    assert_eq!(result.unwrap(), Seen::none());
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn request_credentials_to_scoped_origin_are_sent() {
+    let layer = scoped_to_tweakwise(static_layer());
+    let request = with_credentials(
+        "https://navigator-api.tweakwise.com/stats/totalproducts",
+        credentials("ik-b", "tok-b"),
+    );
+
+    let (result, calls) = send(&layer, request).await;
+
+    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
+    assert_eq!(calls, 1);
+}
+
+// ----- the same rules for a layer with a token source -----
+
+#[tokio::test]
+async fn cached_layer_refuses_plain_http_to_remote_host_without_calling_inner() {
+    let (layer, _fetches) = cached_layer();
+
+    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+}
+
+#[tokio::test]
+async fn cached_layer_sends_source_token_to_https_and_loopback_http() {
+    let (layer, fetches) = cached_layer();
+
+    for uri in [
+        "https://api.example.test/",
+        "http://127.0.0.1:8080/",
+        "http://[::1]:8080/",
+        "http://localhost/",
+    ] {
+        let (result, calls) = send(&layer, get(uri)).await;
+        assert_eq!(
+            result.expect(uri),
+            Seen::pair(LAYER_KEY, SOURCE_TOKEN),
+            "{uri}"
+        );
+        assert_eq!(calls, 1, "{uri}");
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn cached_layer_with_allow_plain_http_sends_source_token_to_remote_host() {
+    let (layer, _fetches) = cached_layer();
+    let layer = layer.allow_plain_http();
+
+    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, SOURCE_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn cached_layer_refuses_relative_uri_and_other_schemes_without_calling_inner() {
+    let (layer, _fetches) = cached_layer();
+
+    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+    assert_unknown(result);
+    assert_eq!(calls, 0);
+
+    let (result, calls) = send(&layer, get("ftp://api.example.test/")).await;
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+
+    let layer = layer.allow_relative_uris();
+    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, SOURCE_TOKEN));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn scoped_cached_layer_strips_twn_headers_to_other_origin_and_attaches_to_scoped_one() {
+    let (layer, _fetches) = cached_layer();
+    let layer = layer.scope(origin("https://navigator-api.tweakwise.com"));
+
+    let (result, calls) = send(&layer, with_stale_headers("https://other.example.test/")).await;
+    assert_eq!(result.unwrap(), Seen::none());
+    assert_eq!(calls, 1);
+
+    for uri in [
+        "https://navigator-api.tweakwise.com/stats",
+        "https://navigator-api.tweakwise.com:443/stats",
+        "https://NAVIGATOR-API.TWEAKWISE.COM/stats",
+    ] {
+        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
+        assert_eq!(
+            result.expect(uri),
+            Seen::pair(LAYER_KEY, SOURCE_TOKEN),
+            "{uri}"
+        );
+        assert_eq!(calls, 1, "{uri}");
+    }
+
+    for uri in [
+        "http://navigator-api.tweakwise.com/stats",
+        "https://navigator-api.tweakwise.com:8443/stats",
+    ] {
+        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
+        assert_eq!(result.expect(uri), Seen::none(), "{uri}");
+        assert_eq!(calls, 1, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn cached_layer_sends_request_credentials_instead_of_source_token() {
+    let (layer, _fetches) = cached_layer();
+
+    let request = with_credentials("https://api.example.test/", credentials("ik-b", "tok-b"));
+    let (result, calls) = send(&layer, request).await;
+
+    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
+    assert_eq!(calls, 1);
+}
+
+#[tokio::test]
+async fn cached_layer_request_credentials_obey_scheme_check_and_scope() {
+    let (layer, _fetches) = cached_layer();
+    let request = with_credentials("http://api.example.test/", credentials("ik-b", "tok-b"));
+    let (result, calls) = send(&layer, request).await;
+    assert_insecure(result, "api.example.test");
+    assert_eq!(calls, 0);
+
+    let layer = layer.scope(origin("https://navigator-api.tweakwise.com"));
+    let request = with_credentials("https://other.example.test/", credentials("ik-b", "tok-b"));
+    let (result, calls) = send(&layer, request).await;
+    assert_eq!(result.unwrap(), Seen::none());
+    assert_eq!(calls, 1);
+}
+
+/// A source whose fetches never finish, counting how often it was asked.
+fn never_answering_source() -> (impl tower_twn_auth::TokenSource, Arc<AtomicUsize>) {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let source =
+        move || -> std::pin::Pin<Box<dyn Future<Output = Result<Token, BoxError>> + Send>> {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Box::pin(std::future::pending())
+        };
+    (source, fetches)
+}
+
+/// `TwnCredentials` are documented as: "the token source is not consulted for that request".
+#[tokio::test(start_paused = true)]
+async fn request_credentials_neither_wait_for_nor_call_the_layer_token_source() {
+    let (source, fetches) = never_answering_source();
+    let layer = TwnAuthLayer::with_token_source(InstanceKey::new(LAYER_KEY).unwrap(), source);
+    let request = with_credentials("https://api.example.test/", credentials("ik-b", "tok-b"));
+
+    let sent = tokio::time::timeout(Duration::from_secs(60), send(&layer, request)).await;
+
+    let (result, calls) = sent.expect("the request must not wait for the layer's source");
+    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
+    assert_eq!(calls, 1);
+    assert_eq!(fetches.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_credentials_are_sent_while_the_layer_token_source_fails() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let layer = TwnAuthLayer::with_token_source(InstanceKey::new(LAYER_KEY).unwrap(), move || {
+        counter.fetch_add(1, Ordering::SeqCst);
+        async { Err::<Token, BoxError>("secret store unavailable".into()) }
+    });
+
+    let request = with_credentials("https://api.example.test/", credentials("ik-b", "tok-b"));
+    let (result, calls) = send(&layer, request).await;
+    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
+    assert_eq!(calls, 1);
+
+    let (result, calls) = send(&layer, get("https://api.example.test/")).await;
+    let err = result.expect_err("no token for the layer's own pair");
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Fetch { .. })),
+        "{err}"
+    );
+    assert_eq!(calls, 0);
+}
