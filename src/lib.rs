@@ -124,3 +124,8 @@ pub use self::provider::{StaticToken, TokenProvider};
 pub use self::retry::{ReplayBody, RetryRejected};
 pub use self::service::TwnAuth;
 pub use self::source::{EnvSource, FileSource, Token, TokenSource};
+
+/// The README's examples, run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

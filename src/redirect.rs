@@ -31,7 +31,7 @@ use crate::credentials::{TWN_AUTHENTICATION, TWN_INSTANCEKEY};
 use crate::service::LeftOrigin;
 
 /// Redirect policy that strips the TWN headers once a redirect leaves the origin.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct KeepCredentialsOnOrigin<P = Standard> {
     inner: P,
     left_origin: bool,
@@ -44,6 +44,14 @@ impl<P> KeepCredentialsOnOrigin<P> {
             inner,
             left_origin: false,
         }
+    }
+}
+
+impl Default for KeepCredentialsOnOrigin {
+    /// Wraps tower-http's `Standard` policy: at most 20 redirects, and `Authorization`,
+    /// `Cookie` and `Proxy-Authorization` removed cross-origin as well.
+    fn default() -> Self {
+        KeepCredentialsOnOrigin::new(Standard::default())
     }
 }
 
