@@ -1,0 +1,707 @@
+//! Redirects and the TWN headers: tower-http's `FollowRedirect` over real loopback servers
+//! (two ports, two origins), and over a mock client where loopback cannot serve the case
+//! (https to http on one host).
+//!
+//! The tests that use the crate's own policy need `--features tower-http`.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::LOCATION;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tower::util::BoxCloneService;
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_http::follow_redirect::{FollowRedirectLayer, RequestUri};
+use tower_twn_auth::{
+    AccessToken, Error, InstanceKey, Origin, TwnAuthLayer, TwnCredentials, TWN_AUTHENTICATION,
+    TWN_INSTANCEKEY,
+};
+
+#[cfg(feature = "tower-http")]
+use tower_twn_auth::redirect::KeepCredentialsOnOrigin;
+
+const KEY: &str = "ik-redirect-test";
+const TOKEN: &str = "tok-redirect-test";
+
+/// The TWN headers a request arrived with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Twn {
+    instance_keys: Vec<String>,
+    tokens: Vec<String>,
+}
+
+impl Twn {
+    fn of(headers: &HeaderMap) -> Self {
+        let values = |name| {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+                .collect()
+        };
+        Twn {
+            instance_keys: values(TWN_INSTANCEKEY),
+            tokens: values(TWN_AUTHENTICATION),
+        }
+    }
+
+    fn pair(key: &str, token: &str) -> Self {
+        Twn {
+            instance_keys: vec![key.to_owned()],
+            tokens: vec![token.to_owned()],
+        }
+    }
+
+    fn both() -> Self {
+        Twn::pair(KEY, TOKEN)
+    }
+
+    fn none() -> Self {
+        Twn {
+            instance_keys: Vec::new(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// A request as a server or mock received it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Hit {
+    path: String,
+    twn: Twn,
+}
+
+/// An HTTP/1 server on `127.0.0.1` that answers `302` with a `Location` for the paths in its
+/// redirect table, `200` otherwise, and records every request it receives.
+struct Server {
+    addr: SocketAddr,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    redirects: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl Server {
+    async fn start() -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        let hits = Arc::new(Mutex::new(Vec::new()));
+        let redirects = Arc::new(Mutex::new(HashMap::new()));
+        let (task_hits, task_redirects) = (Arc::clone(&hits), Arc::clone(&redirects));
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (hits, redirects) = (Arc::clone(&task_hits), Arc::clone(&task_redirects));
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let path = request.uri().path().to_owned();
+                    hits.lock().unwrap().push(Hit {
+                        path: path.clone(),
+                        twn: Twn::of(request.headers()),
+                    });
+                    let location = redirects.lock().unwrap().get(&path).cloned();
+                    async move {
+                        let response = match location {
+                            Some(location) => Response::builder()
+                                .status(StatusCode::FOUND)
+                                .header(LOCATION, location)
+                                .body(String::new()),
+                            None => Response::builder().body(format!("landed on {path}")),
+                        };
+                        Ok::<_, Infallible>(response.expect("valid response"))
+                    }
+                });
+                tokio::spawn(async move {
+                    let io = TokioIo::new(stream);
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service)
+                        .await;
+                });
+            }
+        });
+        Server {
+            addr,
+            hits,
+            redirects,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn origin(&self) -> Origin {
+        Origin::new(&self.url("")).expect("valid origin")
+    }
+
+    fn redirect(&self, path: &str, location: &str) {
+        self.redirects
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), location.to_owned());
+    }
+
+    fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
+    }
+}
+
+fn hit(path: &str, twn: Twn) -> Hit {
+    Hit {
+        path: path.to_owned(),
+        twn,
+    }
+}
+
+type Body = Empty<Bytes>;
+type HttpClient = Client<HttpConnector, Body>;
+type Stack<Res> = BoxCloneService<Request<Body>, Response<Res>, BoxError>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn auth() -> TwnAuthLayer {
+    TwnAuthLayer::new(
+        InstanceKey::new(KEY).expect("valid key"),
+        AccessToken::new(TOKEN).expect("valid token"),
+    )
+}
+
+/// The placement the crate docs recommend: `FollowRedirect` (standard policy) outside, the
+/// auth layer inside, scoped to `origin`.
+fn recommended<S, Res>(origin: Origin, inner: S) -> Stack<Res>
+where
+    S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    Res: http_body::Body + Send + 'static,
+{
+    let service = ServiceBuilder::new()
+        .layer(FollowRedirectLayer::new())
+        .layer(auth().scope(origin))
+        .service(inner);
+    BoxCloneService::new(service)
+}
+
+/// `FollowRedirect` with [`KeepCredentialsOnOrigin`] outside an unscoped auth layer.
+#[cfg(feature = "tower-http")]
+fn policy_outside<S, Res>(auth: TwnAuthLayer, inner: S) -> Stack<Res>
+where
+    S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    Res: http_body::Body + Send + 'static,
+{
+    let service = ServiceBuilder::new()
+        .layer(FollowRedirectLayer::with_policy(
+            KeepCredentialsOnOrigin::default(),
+        ))
+        .layer(auth)
+        .service(inner);
+    BoxCloneService::new(service)
+}
+
+/// An unscoped auth layer outside `FollowRedirect` with [`KeepCredentialsOnOrigin`].
+#[cfg(feature = "tower-http")]
+fn policy_inside<S, Res>(inner: S) -> Stack<Res>
+where
+    S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError> + Send + Sync + 'static,
+    Res: http_body::Body + Send + 'static,
+{
+    let service = ServiceBuilder::new()
+        .layer(auth())
+        .layer(FollowRedirectLayer::with_policy(
+            KeepCredentialsOnOrigin::default(),
+        ))
+        .service(inner);
+    BoxCloneService::new(service)
+}
+
+/// Sends a GET for `uri` and returns the final response's status and effective URI.
+async fn fetch(stack: Stack<Incoming>, uri: &str) -> (StatusCode, String, String) {
+    fetch_request(stack, request(uri)).await
+}
+
+async fn fetch_request(
+    stack: Stack<Incoming>,
+    request: Request<Body>,
+) -> (StatusCode, String, String) {
+    let response = stack.oneshot(request).await.expect("request succeeds");
+    let status = response.status();
+    let final_uri = response
+        .extensions()
+        .get::<RequestUri>()
+        .map(|uri| uri.0.to_string())
+        .unwrap_or_default();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        final_uri,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn request(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Empty::new()).expect("valid request")
+}
+
+/// Two servers, two origins: `a` redirects `/cross` to `b`'s `/landing`, `/same` to its own
+/// `/landing`, and `/round-trip` to `b`'s `/back`, which redirects to `a`'s `/landing`.
+async fn two_origins() -> (Server, Server) {
+    let (a, b) = (Server::start().await, Server::start().await);
+    a.redirect("/cross", &b.url("/landing"));
+    a.redirect("/same", "/landing");
+    a.redirect("/round-trip", &b.url("/back"));
+    b.redirect("/back", &a.url("/landing"));
+    (a, b)
+}
+
+// ----- the recommended placement: FollowRedirect outside, scoped auth inside -----
+
+#[tokio::test]
+async fn recommended_placement_sends_cross_origin_302_hop_without_twn_headers() {
+    let (a, b) = two_origins().await;
+    let stack = recommended(a.origin(), client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, b.url("/landing"));
+    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
+    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+}
+
+#[tokio::test]
+async fn recommended_placement_keeps_twn_headers_on_same_origin_302_hop() {
+    let (a, b) = two_origins().await;
+    let stack = recommended(a.origin(), client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/same")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, a.url("/landing"));
+    assert_eq!(
+        a.hits(),
+        [hit("/same", Twn::both()), hit("/landing", Twn::both())]
+    );
+    assert_eq!(b.hits(), []);
+}
+
+#[tokio::test]
+async fn recommended_placement_authenticates_only_the_hops_on_the_scoped_origin() {
+    let (a, b) = two_origins().await;
+    let stack = recommended(a.origin(), client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/round-trip")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, a.url("/landing"));
+    assert_eq!(
+        a.hits(),
+        [
+            hit("/round-trip", Twn::both()),
+            hit("/landing", Twn::both())
+        ]
+    );
+    assert_eq!(b.hits(), [hit("/back", Twn::none())]);
+}
+
+#[tokio::test]
+async fn recommended_placement_keeps_request_credentials_on_their_origin() {
+    let (a, b) = two_origins().await;
+    let stack = recommended(a.origin(), client());
+    let shop_b = TwnCredentials::new(
+        InstanceKey::new("ik-shop-b").unwrap(),
+        AccessToken::new("tok-shop-b").unwrap(),
+    );
+
+    for path in ["/same", "/cross"] {
+        let mut request = request(&a.url(path));
+        request.extensions_mut().insert(shop_b.clone());
+        let (status, _, _) = fetch_request(stack.clone(), request).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    let shop = Twn::pair("ik-shop-b", "tok-shop-b");
+    assert_eq!(
+        a.hits(),
+        [
+            hit("/same", shop.clone()),
+            hit("/landing", shop.clone()),
+            hit("/cross", shop),
+        ]
+    );
+    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+}
+
+// ----- the crate's policy, in both placements -----
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_outside_auth_sends_cross_origin_302_hop_without_twn_headers() {
+    let (a, b) = two_origins().await;
+    let stack = policy_outside(auth(), client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, b.url("/landing"));
+    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
+    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_outside_auth_keeps_twn_headers_on_same_origin_302_hop() {
+    let (a, b) = two_origins().await;
+    let stack = policy_outside(auth(), client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/same")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, a.url("/landing"));
+    assert_eq!(
+        a.hits(),
+        [hit("/same", Twn::both()), hit("/landing", Twn::both())]
+    );
+    assert_eq!(b.hits(), []);
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_inside_auth_sends_cross_origin_302_hop_without_twn_headers() {
+    let (a, b) = two_origins().await;
+    let stack = policy_inside(client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, b.url("/landing"));
+    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
+    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_inside_auth_keeps_twn_headers_on_same_origin_302_hop() {
+    let (a, b) = two_origins().await;
+    let stack = policy_inside(client());
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/same")).await;
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, a.url("/landing"));
+    assert_eq!(
+        a.hits(),
+        [hit("/same", Twn::both()), hit("/landing", Twn::both())]
+    );
+    assert_eq!(b.hits(), []);
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_does_not_restore_twn_headers_on_return_to_first_origin() {
+    for placement in ["outside", "inside"] {
+        let (a, b) = two_origins().await;
+        let stack = match placement {
+            "outside" => policy_outside(auth(), client()),
+            _ => policy_inside(client()),
+        };
+
+        let (status, final_uri, _) = fetch(stack, &a.url("/round-trip")).await;
+
+        assert_eq!(status, StatusCode::OK, "{placement}");
+        assert_eq!(final_uri, a.url("/landing"), "{placement}");
+        assert_eq!(
+            a.hits(),
+            [
+                hit("/round-trip", Twn::both()),
+                hit("/landing", Twn::none())
+            ],
+            "{placement}"
+        );
+        assert_eq!(b.hits(), [hit("/back", Twn::none())], "{placement}");
+    }
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_outside_auth_drops_request_credentials_on_cross_origin_hop() {
+    let (a, b) = two_origins().await;
+    let stack = policy_outside(auth(), client());
+    let shop_b = TwnCredentials::new(
+        InstanceKey::new("ik-shop-b").unwrap(),
+        AccessToken::new("tok-shop-b").unwrap(),
+    );
+
+    for path in ["/same", "/cross"] {
+        let mut request = request(&a.url(path));
+        request.extensions_mut().insert(shop_b.clone());
+        let (status, _, _) = fetch_request(stack.clone(), request).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+
+    let shop = Twn::pair("ik-shop-b", "tok-shop-b");
+    assert_eq!(
+        a.hits(),
+        [
+            hit("/same", shop.clone()),
+            hit("/landing", shop.clone()),
+            hit("/cross", shop),
+        ]
+    );
+    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+}
+
+// ----- the hazards the docs warn about -----
+
+#[tokio::test]
+async fn standard_policy_alone_forwards_twn_headers_cross_origin_when_auth_is_outside() {
+    let (a, b) = two_origins().await;
+    let stack = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(auth())
+            .layer(FollowRedirectLayer::new())
+            .service(client()),
+    );
+
+    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
+
+    // tower-http's standard policy removes `Authorization` and `Cookie`, not the TWN
+    // headers: the credentials reach the other origin. This is why the docs recommend a
+    // scoped auth layer inside `FollowRedirect`, or `KeepCredentialsOnOrigin`.
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(final_uri, b.url("/landing"));
+    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
+    assert_eq!(b.hits(), [hit("/landing", Twn::both())]);
+}
+
+#[tokio::test]
+async fn standard_policy_with_unscoped_auth_inside_authenticates_the_cross_origin_hop() {
+    let (a, b) = two_origins().await;
+    let stack = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(auth())
+            .service(client()),
+    );
+
+    let (status, _, _) = fetch(stack, &a.url("/cross")).await;
+
+    // Without a scope the layer cannot tell the hop from a request meant for `b`, and
+    // authenticates it: this is why the recommended placement needs the scope.
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
+    assert_eq!(b.hits(), [hit("/landing", Twn::both())]);
+}
+
+// ----- https to http on the same host, over a mock client -----
+
+/// A mock client: an `https` request is answered with `302` to the same host and path over
+/// plain `http`; every other request gets `200`. Records what each hop carried.
+#[derive(Clone, Default)]
+struct Downgrader {
+    hits: Arc<Mutex<Vec<(String, Twn)>>>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Downgrader {
+    fn service(
+        &self,
+    ) -> impl Service<
+        Request<Body>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send,
+    > + Clone
+           + Send
+           + 'static {
+        let (hits, calls) = (Arc::clone(&self.hits), Arc::clone(&self.calls));
+        tower::service_fn(move |request: Request<Body>| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let uri = request.uri().clone();
+            hits.lock()
+                .unwrap()
+                .push((uri.to_string(), Twn::of(request.headers())));
+            let mut response = Response::new(Empty::new());
+            if uri.scheme_str() == Some("https") {
+                let location = format!("http://{}{}", uri.authority().unwrap(), uri.path());
+                *response.status_mut() = StatusCode::FOUND;
+                response
+                    .headers_mut()
+                    .insert(LOCATION, location.parse().unwrap());
+            }
+            async move { Ok::<_, Infallible>(response) }
+        })
+    }
+
+    fn hits(&self) -> Vec<(String, Twn)> {
+        self.hits.lock().unwrap().clone()
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+fn hop(uri: &str, twn: Twn) -> (String, Twn) {
+    (uri.to_owned(), twn)
+}
+
+async fn status_of(stack: Stack<Body>, uri: &str) -> Result<StatusCode, BoxError> {
+    stack
+        .oneshot(request(uri))
+        .await
+        .map(|response| response.status())
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_inside_auth_drops_twn_headers_on_https_to_http_downgrade() {
+    let mock = Downgrader::default();
+    let stack = policy_inside(mock.service());
+
+    let status = status_of(stack, "https://api.example.test/stats")
+        .await
+        .unwrap();
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        mock.hits(),
+        [
+            hop("https://api.example.test/stats", Twn::both()),
+            hop("http://api.example.test/stats", Twn::none()),
+        ]
+    );
+    assert_eq!(mock.calls(), 2);
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_outside_auth_drops_twn_headers_on_https_to_http_downgrade() {
+    // Loopback, so that the scheme check lets the plain http hop through and only the
+    // policy can keep the headers off it.
+    let mock = Downgrader::default();
+    let stack = policy_outside(auth(), mock.service());
+
+    let status = status_of(stack, "https://127.0.0.1/stats").await.unwrap();
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        mock.hits(),
+        [
+            hop("https://127.0.0.1/stats", Twn::both()),
+            hop("http://127.0.0.1/stats", Twn::none()),
+        ]
+    );
+    assert_eq!(mock.calls(), 2);
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_outside_auth_with_plain_http_allowed_drops_downgrade_headers() {
+    let mock = Downgrader::default();
+    let stack = policy_outside(auth().allow_plain_http(), mock.service());
+
+    let status = status_of(stack, "https://api.example.test/stats")
+        .await
+        .unwrap();
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        mock.hits(),
+        [
+            hop("https://api.example.test/stats", Twn::both()),
+            hop("http://api.example.test/stats", Twn::none()),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn recommended_placement_drops_twn_headers_on_https_to_http_downgrade() {
+    let mock = Downgrader::default();
+    let origin = Origin::new("https://api.example.test").unwrap();
+    let stack = recommended(origin, mock.service());
+
+    let status = status_of(stack, "https://api.example.test/stats")
+        .await
+        .unwrap();
+
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        mock.hits(),
+        [
+            hop("https://api.example.test/stats", Twn::both()),
+            hop("http://api.example.test/stats", Twn::none()),
+        ]
+    );
+    assert_eq!(mock.calls(), 2);
+}
+
+#[tokio::test]
+async fn unscoped_auth_inside_follow_redirect_refuses_downgrade_hop_to_remote_plain_http() {
+    let mock = Downgrader::default();
+    let stack = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(FollowRedirectLayer::new())
+            .layer(auth())
+            .service(mock.service()),
+    );
+
+    let err = status_of(stack, "https://api.example.test/stats")
+        .await
+        .expect_err("the plain http hop must be refused");
+
+    match err.downcast_ref::<Error>() {
+        Some(Error::InsecureDestination { host, .. }) => assert_eq!(host, "api.example.test"),
+        other => panic!("expected InsecureDestination, got {other:?} ({err})"),
+    }
+    assert_eq!(
+        mock.hits(),
+        [hop("https://api.example.test/stats", Twn::both())]
+    );
+    assert_eq!(mock.calls(), 1);
+}
+
+#[tokio::test]
+async fn standard_policy_alone_forwards_twn_headers_on_https_to_http_downgrade_when_auth_is_outside(
+) {
+    let mock = Downgrader::default();
+    let stack = BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(auth())
+            .layer(FollowRedirectLayer::new())
+            .service(mock.service()),
+    );
+
+    let status = status_of(stack, "https://api.example.test/stats")
+        .await
+        .unwrap();
+
+    // The hazard again: the credentials go out in clear text on the downgraded hop.
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        mock.hits(),
+        [
+            hop("https://api.example.test/stats", Twn::both()),
+            hop("http://api.example.test/stats", Twn::both()),
+        ]
+    );
+}
