@@ -134,23 +134,24 @@ pub(crate) struct Destinations {
 impl Destinations {
     /// Decides, from the URI alone, whether credentials may go with a request.
     pub(crate) fn verdict(&self, uri: &Uri) -> Verdict {
-        let (Some(scheme), Some(host)) = (uri.scheme(), uri.host()) else {
-            return if self.allow_relative {
-                Verdict::Attach
-            } else {
-                Verdict::Refuse(Error::UnknownDestination)
-            };
+        let https = match uri.scheme() {
+            Some(scheme) if *scheme == Scheme::HTTPS => true,
+            Some(scheme) if *scheme == Scheme::HTTP => false,
+            Some(_) => {
+                let host = uri.host().unwrap_or_default().into();
+                return self.outside_scope_or(Verdict::Refuse(Error::InsecureDestination { host }));
+            }
+            None if self.allow_relative => return Verdict::Attach,
+            None => return Verdict::Refuse(Error::UnknownDestination),
         };
-        let https = if *scheme == Scheme::HTTPS {
-            true
-        } else if *scheme == Scheme::HTTP {
-            false
-        } else {
-            return self.outside_scope_or(Verdict::Refuse(Error::InsecureDestination {
-                host: host.into(),
-            }));
-        };
+        // The common case, https with no scope, needs nothing more from the URI.
+        if https && self.scope.is_none() {
+            return Verdict::Attach;
+        }
 
+        let Some(host) = uri.host() else {
+            return Verdict::Refuse(Error::UnknownDestination);
+        };
         if let Some(scope) = &self.scope {
             let port = uri.port_u16().unwrap_or(default_port(https));
             if !scope.iter().any(|origin| origin.matches(https, host, port)) {

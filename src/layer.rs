@@ -10,7 +10,7 @@ use tower::retry::RetryLayer;
 use crate::cache::{Cache, CacheOptions, CachedToken};
 use crate::credentials::{AccessToken, InstanceKey};
 use crate::destination::{Destinations, Origin};
-use crate::error::LoadError;
+use crate::error::{CredentialKind, InvalidCredential, InvalidReason, LoadError, LoadedFrom};
 use crate::provider::StaticToken;
 use crate::retry::RetryRejected;
 use crate::service::Shared;
@@ -165,12 +165,20 @@ impl TwnAuthLayer<CachedToken> {
                 (Arc::new(source), token)
             }
             (None, Some(path)) => {
-                let Some(path) = path.to_str().filter(|path| !path.trim().is_empty()) else {
-                    return Err(LoadError::Missing {
-                        variable: ENV_ACCESS_TOKEN_FILE.into(),
+                let path = path.into_string().map_err(|_| LoadError::NotUnicode {
+                    variable: ENV_ACCESS_TOKEN_FILE.into(),
+                })?;
+                let path = path.trim_matches([' ', '\t', '\r', '\n']);
+                if path.is_empty() {
+                    return Err(LoadError::Invalid {
+                        origin: LoadedFrom::Env(ENV_ACCESS_TOKEN_FILE.into()),
+                        source: InvalidCredential::new(
+                            CredentialKind::AccessToken,
+                            InvalidReason::Empty,
+                        ),
                     });
-                };
-                let source = FileSource::new(path.trim());
+                }
+                let source = FileSource::new(path);
                 let token = source.read_blocking()?;
                 (Arc::new(source), token)
             }
