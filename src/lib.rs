@@ -74,7 +74,7 @@
 //! # Costs
 //!
 //! With a fixed token, or a cached token that is still usable, a request costs two header
-//! inserts, one atomic load, and no lock, allocation or write to memory shared between
+//! inserts, an atomic load or two, and no lock, allocation or write to memory shared between
 //! threads: credential bytes are interned (see [`credentials`]) and the cache's deadlines are
 //! tracked by timers instead of clock reads.
 //!

@@ -713,3 +713,25 @@ async fn eight_tasks_hammering_during_background_refreshes_see_exact_fetch_count
         .all(|token| (1..=RELEASES + 1).any(|n| *token == format!("tok-{n}"))));
     source.gate.add_permits(1);
 }
+
+#[tokio::test]
+async fn cached_layer_service_and_future_are_send_and_can_be_spawned() {
+    fn send_sync_clone<T: Send + Sync + Clone>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+
+    let source = Counting::new(Duration::ZERO, None);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone());
+    send_sync_clone(&layer);
+    let seen = Seen::default();
+    let mut service = service(&layer, &seen);
+    send_sync_clone(&service);
+    service.ready().await.unwrap();
+    let future = service.call(request());
+    send(&future);
+
+    let handle = tokio::spawn(service.clone().oneshot(request()));
+    handle.await.unwrap().unwrap();
+    future.await.unwrap();
+    assert_eq!(seen.all(), ["tok-1", "tok-1"]);
+    assert_eq!(source.fetches(), 1);
+}
