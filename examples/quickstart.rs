@@ -82,8 +82,9 @@ async fn run() -> Result<(), Box<dyn Error>> {
     })?;
     let auth = TwnAuthLayer::from_env().map_err(|error| {
         format!(
-            "{error}. Set {ENV_INSTANCE_KEY} and one of {ENV_ACCESS_TOKEN} or \
-             {ENV_ACCESS_TOKEN_FILE}, or unset all three to call the mock Backend"
+            "{}. Set {ENV_INSTANCE_KEY} and one of {ENV_ACCESS_TOKEN} or \
+             {ENV_ACCESS_TOKEN_FILE}, or unset all three to call the mock Backend",
+            with_causes(&error)
         )
     })?;
     println!("Calling the Backend API at {base}");
@@ -152,13 +153,21 @@ fn explain(url: &str, error: BoxError) -> Box<dyn Error> {
     if let Some(refused) = error.downcast_ref::<tower_twn_auth::Error>() {
         return format!("{refused}; {ENV_API_URL} must be https, or http to localhost").into();
     }
-    let mut message = format!("cannot reach {url}: {error}");
+    format!("cannot reach {url}: {}", with_causes(&*error)).into()
+}
+
+/// Returns `error`'s message followed by those of its causes that it does not already include.
+fn with_causes(error: &dyn Error) -> String {
+    let mut message = error.to_string();
     let mut cause = error.source();
     while let Some(inner) = cause {
-        message = format!("{message}: {inner}");
+        let text = inner.to_string();
+        if !message.contains(&text) {
+            message = format!("{message}: {text}");
+        }
         cause = inner.source();
     }
-    message.into()
+    message
 }
 
 /// Starts a mock Backend that answers 200 only to the mock's own credentials.
