@@ -98,7 +98,7 @@ impl fmt::Display for InvalidReason {
 /// assert_eq!(err.to_string(), "invalid TWN-Authentication value: control byte at byte 6");
 /// assert!(!format!("{err:?}").contains("secret"));
 /// ```
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct InvalidCredential {
     kind: CredentialKind,
     reason: InvalidReason,
@@ -117,6 +117,15 @@ impl InvalidCredential {
     /// Returns why the value was rejected.
     pub fn reason(&self) -> InvalidReason {
         self.reason
+    }
+}
+
+impl fmt::Debug for InvalidCredential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InvalidCredential")
+            .field("header", &self.kind.header())
+            .field("reason", &self.reason)
+            .finish()
     }
 }
 
