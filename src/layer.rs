@@ -228,6 +228,12 @@ impl TwnAuthLayer<CachedToken> {
     /// kept until the backoff has passed, so a server that refuses every token does not make
     /// the cache fetch for each request.
     ///
+    /// That protection has a cost: two rotations closer together than the requests in flight
+    /// take to come back look exactly like a server that refuses fresh tokens. The second
+    /// replacement is then kept for the backoff (1 s at first, see [`backoff`](Self::backoff)),
+    /// and requests sent meanwhile get the server's `401`. Tokens rotated in the Tweakwise app
+    /// are minutes apart, far from this.
+    ///
     /// To send a rejected request once more with the new token, add
     /// [`retry_layer`](Self::retry_layer) outside this layer.
     pub fn detect_rotation(self) -> Self {
