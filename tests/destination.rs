@@ -173,7 +173,7 @@ fn assert_unknown(result: Result<Seen, BoxError>) {
     );
 }
 
-// ----- the scheme check -----
+// The scheme check.
 
 #[tokio::test]
 async fn plain_http_to_remote_host_is_refused_without_calling_inner() {
@@ -302,7 +302,7 @@ async fn header_values_already_on_the_request_are_replaced_by_exactly_one_each()
     assert_eq!(calls, 1);
 }
 
-// ----- the scope -----
+// The scope.
 
 fn scoped_to_tweakwise(layer: TwnAuthLayer) -> TwnAuthLayer {
     layer.scope(origin("https://navigator-api.tweakwise.com"))
@@ -473,7 +473,7 @@ fn origin_rejects_paths_queries_user_info_and_other_schemes() {
     );
 }
 
-// ----- per-request credentials -----
+// Per-request credentials.
 
 #[tokio::test]
 async fn request_credentials_replace_the_layer_pair_for_that_request_only() {
@@ -637,7 +637,7 @@ async fn request_credentials_to_scoped_origin_are_sent() {
     assert_eq!(calls, 1);
 }
 
-// ----- the same rules for a layer with a token source -----
+// The same rules for a layer with a token source.
 
 #[tokio::test]
 async fn cached_layer_refuses_plain_http_to_remote_host_without_calling_inner() {

@@ -40,7 +40,7 @@ const CANARIES: [&str; 5] = [IK, IK_2, TOKEN_1, TOKEN_2, TOKEN_3];
 /// Longest piece of a canary that may appear anywhere.
 const MAX_PIECE: usize = 5;
 
-// ----- capture -----
+// Capture.
 
 /// Where the subscriber writes: one buffer for the whole process.
 #[derive(Clone, Default)]
@@ -136,7 +136,7 @@ fn leaks(outputs: &[(String, String)]) -> Vec<String> {
     found
 }
 
-// ----- helpers -----
+// Helpers.
 
 fn paused_runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -351,7 +351,7 @@ fn set_env(variables: &[(&str, Option<&str>)]) {
     }
 }
 
-// ----- the paths -----
+// The paths.
 
 /// Credentials, their validation errors, and the small public types.
 fn credentials_and_values(out: &mut Outputs) {
@@ -686,14 +686,17 @@ async fn exercise<P: TokenProvider>(
     .await;
     assert_eq!(calls(inner) - before, 5, "{label}: sent requests");
 
-    // Refused: the inner service is not called.
+    // Refused: the inner service is not called. A URI with a canary in its user info is
+    // the caller's mistake, but the refusal must not repeat it.
     for uri in [
-        "http://api.example.test/",
-        "/stats/totalproducts",
-        "ftp://api.example.test/",
+        "http://api.example.test/".to_owned(),
+        "/stats/totalproducts".to_owned(),
+        "ftp://api.example.test/".to_owned(),
+        format!("http://{IK}:{TOKEN_1}@api.example.test/"),
+        format!("ws://{TOKEN_2}@api.example.test/"),
     ] {
-        send(out, label, layer.layer(inner.clone()), get(uri)).await;
-        let mut request = get(uri);
+        send(out, label, layer.layer(inner.clone()), get(&uri)).await;
+        let mut request = get(&uri);
         request.extensions_mut().insert(own.clone());
         send(out, label, layer.layer(inner.clone()), request).await;
     }
@@ -903,7 +906,7 @@ fn redirect_policy(out: &mut Outputs) {
 fn redirect_policy(_out: &mut Outputs) {}
 
 #[test]
-fn no_canary_appears_in_any_output_or_trace() {
+fn canaries_sent_down_every_path_appear_in_no_output_or_trace() {
     let buffer = Buffer::default();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(buffer.clone())

@@ -273,7 +273,7 @@ async fn two_origins() -> (Server, Server) {
     (a, b)
 }
 
-// ----- the recommended placement: FollowRedirect outside, scoped auth inside -----
+// The recommended placement: FollowRedirect outside, scoped auth inside.
 
 #[tokio::test]
 async fn recommended_placement_sends_cross_origin_302_hop_without_twn_headers() {
@@ -351,7 +351,7 @@ async fn recommended_placement_keeps_request_credentials_on_their_origin() {
     assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
 }
 
-// ----- the crate's policy, in both placements -----
+// The crate's policy, in both placements.
 
 #[cfg(feature = "tower-http")]
 #[tokio::test]
@@ -470,7 +470,7 @@ async fn keep_credentials_policy_outside_auth_drops_request_credentials_on_cross
     assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
 }
 
-// ----- the hazards the docs warn about -----
+// The hazards the docs warn about.
 
 #[tokio::test]
 async fn standard_policy_alone_forwards_twn_headers_cross_origin_when_auth_is_outside() {
@@ -512,7 +512,7 @@ async fn standard_policy_with_unscoped_auth_inside_authenticates_the_cross_origi
     assert_eq!(b.hits(), [hit("/landing", Twn::both())]);
 }
 
-// ----- https to http on the same host, over a mock client -----
+// HTTPS to HTTP on the same host, over a mock client.
 
 /// A mock client: an `https` request is answered with `302` to the same host and path over
 /// plain `http`; every other request gets `200`. Records what each hop carried.
