@@ -26,21 +26,20 @@
 //! If the task itself is dropped before it finishes (its runtime shut down), its waiters get
 //! [`Error::FetchAbandoned`] and the next request starts a new fetch.
 
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
-use std::{fmt, future::Future, pin::Pin};
 
 use http::{HeaderValue, StatusCode};
 use tokio::runtime::Handle;
 use tokio::sync::oneshot;
 use tokio::time::{sleep_until, Instant};
-use tower::retry::backoff::{Backoff, ExponentialBackoff, ExponentialBackoffMaker, MakeBackoff};
-use tower::util::rng::HasherRng;
+use tower::util::rng::{HasherRng, Rng};
 use tower::BoxError;
 
 use crate::error::Error;
+use crate::future::Watch;
 use crate::source::{DynSource, Token};
 
 const FRESH: u64 = 0;
@@ -91,7 +90,7 @@ pub(crate) struct Snapshot {
     pub(crate) value: HeaderValue,
 }
 
-type Outcome = Result<Snapshot, Error>;
+pub(crate) type Outcome = Result<Snapshot, Error>;
 
 /// The cached token and the deadlines derived from it.
 struct Entry {
@@ -130,11 +129,11 @@ struct Slot {
     /// Whether timer tasks watch `current`'s deadlines.
     armed: bool,
     /// Backoff after failed fetches, `Some` from the first failure to the next success.
-    failures: Option<ExponentialBackoff>,
-    retry_at: Option<Instant>,
-    last_error: Option<Error>,
+    failures: Option<Backoff>,
+    /// Until when the source is left alone after a failure, and that failure.
+    resting: Option<(Instant, Error)>,
     /// Backoff after rejected replacement tokens, `Some` until a token is accepted.
-    rejections: Option<ExponentialBackoff>,
+    rejections: Option<Backoff>,
     /// `hold_until` for the token the fetch under way will bring, if a rejection started it.
     next_hold: Option<Instant>,
 }
@@ -184,8 +183,7 @@ impl Cache {
                 flight: None,
                 armed: false,
                 failures: None,
-                retry_at: None,
-                last_error: None,
+                resting: None,
                 rejections: None,
                 next_hold: None,
             }),
@@ -246,8 +244,8 @@ impl Cache {
         }
 
         if slot.flight.is_none() {
-            if let Some(retry_at) = slot.retry_at.filter(|at| now < *at) {
-                let mut error = slot.last_error.clone().unwrap_or(Error::NotReady);
+            if let Some((retry_at, error)) = slot.resting.as_ref().filter(|(at, _)| now < *at) {
+                let (retry_at, mut error) = (*retry_at, error.clone());
                 if let Error::Fetch { retry_in, .. } = &mut error {
                     *retry_in = Some(retry_at - now);
                 }
@@ -322,7 +320,7 @@ impl Cache {
         if worked || !replacement {
             slot.rejections = None;
         }
-        slot.next_hold = Some(next_attempt(&mut slot.rejections, &self.options));
+        slot.next_hold = Some(next_attempt(&mut slot.rejections, &self.options, now));
 
         tracing::debug!(
             source = %self.name,
@@ -333,7 +331,7 @@ impl Cache {
         self.word
             .0
             .store(word(rejected, UNUSABLE), Ordering::Release);
-        if slot.flight.is_none() && slot.retry_at.is_none_or(|at| at <= now) {
+        if slot.flight.is_none() && slot.resting.as_ref().is_none_or(|(at, _)| *at <= now) {
             if let Err(error) = self.start_fetch(&mut slot) {
                 tracing::debug!(source = %self.name, %error, "cannot start a fetch");
             }
@@ -390,8 +388,7 @@ impl Cache {
         let outcome = match result {
             Ok(token) => {
                 slot.failures = None;
-                slot.retry_at = None;
-                slot.last_error = None;
+                slot.resting = None;
                 slot.last_generation += 1;
                 let expires_in_ms = token
                     .expires_at
@@ -422,7 +419,7 @@ impl Cache {
                 Ok(snapshot)
             }
             Err(cause) => {
-                let retry_at = next_attempt(&mut slot.failures, &self.options);
+                let retry_at = next_attempt(&mut slot.failures, &self.options, now);
                 let retry_in = retry_at.saturating_duration_since(now);
                 let error = Error::Fetch {
                     source_name: Arc::clone(&self.name),
@@ -436,8 +433,7 @@ impl Cache {
                     backoff_ms = retry_in.as_millis() as u64,
                     "token fetch failed; backing off"
                 );
-                slot.retry_at = Some(retry_at);
-                slot.last_error = Some(error.clone());
+                slot.resting = Some((retry_at, error.clone()));
                 match slot.current.as_ref().filter(|entry| entry.usable_at(now)) {
                     Some(entry) => {
                         // Keep sending the token we have; ask the source again once the
@@ -604,31 +600,49 @@ impl fmt::Debug for Cache {
     }
 }
 
-/// Returns the backoff the options describe, or `None` outside a runtime with timers, where
-/// tower's backoff cannot compute a deadline.
-fn backoff(options: &CacheOptions) -> Option<ExponentialBackoff> {
-    Handle::try_current().ok()?;
-    let max = options.backoff_max.max(Duration::from_millis(1));
-    let min = options.backoff_min.min(max);
-    let jitter = if options.backoff_jitter.is_finite() {
-        options.backoff_jitter.clamp(0.0, 100.0)
-    } else {
-        0.0
-    };
-    // The arguments were clamped into the ranges `new` accepts, so it cannot refuse them.
-    let mut maker = ExponentialBackoffMaker::new(min, max, jitter, HasherRng::default()).ok()?;
-    Some(maker.make_backoff())
+/// Exponential backoff with jitter: `min` doubled for each failure before this one, capped at
+/// `max`, plus a random share (up to the jitter ratio) of that, still capped at `max`.
+///
+/// tower's `ExponentialBackoff` computes the same base, but its jitter drops the fractional
+/// seconds of the random share, so a 1 s or 2 s base gets no jitter at all; and it returns a
+/// timer, where the cache needs an instant.
+#[derive(Debug)]
+struct Backoff {
+    failures: u32,
+    rng: HasherRng,
 }
 
-/// Returns when the next attempt may start, advancing `state`'s backoff.
-fn next_attempt(state: &mut Option<ExponentialBackoff>, options: &CacheOptions) -> Instant {
-    if state.is_none() {
-        *state = backoff(options);
+impl Backoff {
+    fn new() -> Self {
+        Backoff {
+            failures: 0,
+            rng: HasherRng::default(),
+        }
     }
-    match state.as_mut() {
-        Some(backoff) => backoff.next_backoff().deadline(),
-        None => Instant::now() + options.backoff_min,
+
+    /// Returns the delay before the next attempt and counts one more failure.
+    fn next_delay(&mut self, options: &CacheOptions) -> Duration {
+        let max = options.backoff_max;
+        let base = options
+            .backoff_min
+            .checked_mul(2_u32.saturating_pow(self.failures))
+            .unwrap_or(max)
+            .min(max);
+        self.failures = self.failures.saturating_add(1);
+        let ratio = if options.backoff_jitter.is_finite() {
+            options.backoff_jitter.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let jitter = base.mul_f64(self.rng.next_f64() * ratio);
+        base.saturating_add(jitter).min(max)
     }
+}
+
+/// Returns when the next attempt may start, counting one more failure in `state`.
+fn next_attempt(state: &mut Option<Backoff>, options: &CacheOptions, now: Instant) -> Instant {
+    let delay = state.get_or_insert_with(Backoff::new).next_delay(options);
+    now.checked_add(delay).unwrap_or(now)
 }
 
 /// Runs when the fetch task is dropped, finished or not.
@@ -677,111 +691,77 @@ impl Drop for WatchGuard {
     }
 }
 
-/// The per-service side of the cache: the snapshot a service clone sends, and the fetch it
-/// is waiting for.
+/// What a request gets from its service's token.
+pub(crate) enum Lookup {
+    /// Send this token, and watch the response if rotation detection is on.
+    Ready(HeaderValue, Option<Watch>),
+    /// Wait for the fetch under way; the handle makes the watch once the token is there.
+    Wait(oneshot::Receiver<Outcome>, CachedToken),
+    /// No token can be had now.
+    Failed(Error),
+}
+
+/// The per-service side of the cache: the snapshot of the token a service clone last sent.
 pub struct CachedToken {
     cache: Arc<Cache>,
-    /// Reserved in `poll_ready`, sent in `call`.
     local: Option<Snapshot>,
-    /// The fetch `poll_ready` is waiting for.
-    waiting: Option<oneshot::Receiver<Outcome>>,
-    /// Why `poll_ready` found no token; taken by the `call` that follows.
-    failed: Option<Error>,
-    /// Set when `poll_ready` has reserved `local` or `failed`; taken in `call`.
-    reserved: bool,
 }
 
 impl CachedToken {
     pub(crate) fn new(cache: Arc<Cache>) -> Self {
-        CachedToken {
-            cache,
-            local: None,
-            waiting: None,
-            failed: None,
-            reserved: false,
-        }
+        CachedToken { cache, local: None }
     }
 
     pub(crate) fn cache(&self) -> &Arc<Cache> {
         &self.cache
     }
 
-    /// Makes sure a token is reserved for the next call, or an error is.
-    pub(crate) fn poll_token(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.reserved {
-            return Poll::Ready(());
-        }
-        let ready = self.poll_reserve(cx);
-        self.reserved = ready.is_ready();
-        ready
-    }
-
-    fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            if let Some(rx) = self.waiting.as_mut() {
-                let outcome = match Pin::new(rx).poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(Ok(outcome)) => outcome,
-                    // The fetch task dropped its waiters without a word, which `abandon`
-                    // prevents; treat it the same way.
-                    Poll::Ready(Err(_)) => Err(Error::FetchAbandoned {
-                        source_name: Arc::clone(&self.cache.name),
-                    }),
-                };
-                self.waiting = None;
-                match outcome {
-                    Ok(snapshot) => self.local = Some(snapshot),
-                    Err(error) => {
-                        self.local = None;
-                        self.failed = Some(error);
-                    }
-                }
-                return Poll::Ready(());
-            }
-
-            let seen = self.cache.word.0.load(Ordering::Acquire);
-            if phase(seen) != UNUSABLE
-                && self
-                    .local
-                    .as_ref()
-                    .is_some_and(|local| local.generation == generation(seen))
-            {
-                return Poll::Ready(());
-            }
-
-            match self.cache.acquire() {
-                Acquire::Ready(snapshot) => {
-                    self.local = Some(snapshot);
-                    return Poll::Ready(());
-                }
-                Acquire::Failed(error) => {
-                    self.local = None;
-                    self.failed = Some(error);
-                    return Poll::Ready(());
-                }
-                Acquire::Wait(rx) => self.waiting = Some(rx),
-            }
-        }
-    }
-
-    /// Takes the reservation `poll_token` made: the token to send, or why there is none.
+    /// Returns the token for a request.
     ///
-    /// Starts a background refresh when the word says one is due.
-    pub(crate) fn take(&mut self) -> Result<&Snapshot, Error> {
-        if !std::mem::take(&mut self.reserved) {
-            return Err(Error::NotReady);
-        }
-        if let Some(error) = self.failed.take() {
-            return Err(error);
-        }
-        let Some(local) = self.local.as_ref() else {
-            return Err(Error::NotReady);
-        };
+    /// The fast path: if the published word is usable and belongs to the snapshot this clone
+    /// holds, the snapshot is sent, after one atomic load. Otherwise the slow path decides.
+    /// Either way, a `STALE` word starts a background refresh.
+    pub(crate) fn lookup(&mut self) -> Lookup {
         let seen = self.cache.word.0.load(Ordering::Acquire);
-        if phase(seen) == STALE && generation(seen) == local.generation {
-            self.cache.refresh_stale(seen);
+        if let Some(local) = &self.local {
+            if local.generation == generation(seen) && phase(seen) != UNUSABLE {
+                if phase(seen) == STALE {
+                    self.cache.refresh_stale(seen);
+                }
+                return Lookup::Ready(local.value.clone(), self.watch(local.generation));
+            }
         }
-        Ok(local)
+
+        match self.cache.acquire() {
+            Acquire::Ready(snapshot) => {
+                let seen = self.cache.word.0.load(Ordering::Acquire);
+                if phase(seen) == STALE && generation(seen) == snapshot.generation {
+                    self.cache.refresh_stale(seen);
+                }
+                let watch = self.watch(snapshot.generation);
+                let value = snapshot.value.clone();
+                self.local = Some(snapshot);
+                Lookup::Ready(value, watch)
+            }
+            Acquire::Wait(rx) => Lookup::Wait(rx, self.clone()),
+            Acquire::Failed(error) => Lookup::Failed(error),
+        }
+    }
+
+    /// Returns what the response future needs to report how the server answered the token of
+    /// `generation`, if rotation detection is on.
+    pub(crate) fn watch(&self, generation: u64) -> Option<Watch> {
+        let statuses = self.cache.options.reject_statuses.as_ref()?;
+        Some(Watch {
+            cache: Arc::clone(&self.cache),
+            generation,
+            statuses: Arc::clone(statuses),
+        })
+    }
+
+    /// Returns the source's name, for errors.
+    pub(crate) fn source_name(&self) -> &Arc<str> {
+        &self.cache.name
     }
 }
 
@@ -790,9 +770,6 @@ impl Clone for CachedToken {
         CachedToken {
             cache: Arc::clone(&self.cache),
             local: self.local.clone(),
-            waiting: None,
-            failed: None,
-            reserved: false,
         }
     }
 }
@@ -801,7 +778,7 @@ impl fmt::Debug for CachedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedToken")
             .field("source", &self.cache.name)
-            .field("reserved", &self.local.is_some())
+            .field("options", &self.cache.options)
             .finish_non_exhaustive()
     }
 }

@@ -242,11 +242,23 @@ macro_rules! conversions {
 conversions!(InstanceKey);
 conversions!(AccessToken);
 
+/// The token of a layer built with [`TwnAuthLayer::new`](crate::TwnAuthLayer::new): the same
+/// value for every request.
+#[derive(Clone)]
+pub struct StaticToken(pub(crate) AccessToken);
+
+impl fmt::Debug for StaticToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("StaticToken").field(&self.0).finish()
+    }
+}
+
 /// Credentials for one request, overriding the layer's.
 ///
 /// Put them in the request's extensions to talk to another Tweakwise instance through the
 /// same client. They go through the same destination checks and scope as the layer's own
-/// credentials, and the token source is not consulted for that request.
+/// credentials, and the layer's token source is not consulted for that request: it neither
+/// waits for a fetch nor fails when the source does.
 ///
 /// ```
 /// use tower_twn_auth::{AccessToken, InstanceKey, TwnCredentials};

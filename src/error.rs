@@ -285,10 +285,6 @@ pub enum Error {
     /// A token had to be fetched, but the request was not made inside a Tokio runtime.
     #[non_exhaustive]
     NoRuntime,
-    /// `call` was used without a successful `poll_ready` first, which the `Service` contract
-    /// forbids; no token had been reserved for the request.
-    #[non_exhaustive]
-    NotReady,
 }
 
 impl fmt::Display for Error {
@@ -319,7 +315,6 @@ impl fmt::Display for Error {
             Error::NoRuntime => {
                 f.write_str("fetching a token needs a Tokio runtime, and none is running")
             }
-            Error::NotReady => f.write_str("the service was called before it was ready"),
         }
     }
 }

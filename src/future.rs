@@ -1,31 +1,41 @@
-//! The response future of [`TwnAuth`](crate::TwnAuth).
+//! The response future of [`TwnAuth`](crate::TwnAuth), and the wait for a token it may
+//! start with.
 
+use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::Response;
+use http::{HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
+use tokio::sync::oneshot;
 use tower::BoxError;
+use tower_service::Service;
 
+use crate::cache::{Cache, CachedToken, Outcome};
+use crate::credentials::{TWN_AUTHENTICATION, TWN_INSTANCEKEY};
 use crate::error::Error;
-use crate::provider::Watch;
 
 pin_project! {
     /// Response future of [`TwnAuth`](crate::TwnAuth).
     ///
-    /// Resolves to the inner service's response, or to its error boxed, or to an
-    /// [`Error`] when the request could not be authenticated and the inner service was not
-    /// called.
-    pub struct ResponseFuture<F> {
+    /// Resolves to the inner service's response, to its error boxed, or to an [`Error`]
+    /// when the request could not be authenticated, in which case the inner service was not
+    /// called. `W` is the wait for a token that a request to a token-source layer may start
+    /// with: [`TokenWait`].
+    pub struct ResponseFuture<F, W> {
         #[pin]
-        state: State<F>,
+        state: State<F, W>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<F> {
+    enum State<F, W> {
+        Waiting {
+            wait: W,
+        },
         Called {
             #[pin]
             future: F,
@@ -37,7 +47,7 @@ pin_project! {
     }
 }
 
-impl<F> ResponseFuture<F> {
+impl<F, W> ResponseFuture<F, W> {
     pub(crate) fn called(future: F, watch: Option<Watch>) -> Self {
         ResponseFuture {
             state: State::Called { future, watch },
@@ -49,38 +59,159 @@ impl<F> ResponseFuture<F> {
             state: State::Refused { error: Some(error) },
         }
     }
-}
 
-impl<F, B, E> Future for ResponseFuture<F>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-    E: Into<BoxError>,
-{
-    type Output = Result<Response<B>, BoxError>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            StateProj::Called { future, watch } => {
-                let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                if let Some(watch) = watch.take() {
-                    if watch.statuses.contains(&response.status()) {
-                        watch.cache.invalidate(watch.generation);
-                    } else {
-                        watch.cache.confirm(watch.generation);
-                    }
-                }
-                Poll::Ready(Ok(response))
-            }
-            StateProj::Refused { error } => Poll::Ready(Err(match error.take() {
-                Some(error) => error.into(),
-                None => Error::NotReady.into(),
-            })),
+    pub(crate) fn waiting(wait: W) -> Self {
+        ResponseFuture {
+            state: State::Waiting { wait },
         }
     }
 }
 
-impl<F> std::fmt::Debug for ResponseFuture<F> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+impl<F, W, B, E> Future for ResponseFuture<F, W>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    W: sealed::Wait<F>,
+{
+    type Output = Result<Response<B>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let this = self.as_mut().project();
+            match this.state.project() {
+                StateProj::Waiting { wait } => {
+                    let next = match ready!(wait.poll_call(cx)) {
+                        Ok((future, watch)) => State::Called { future, watch },
+                        Err(error) => State::Refused { error: Some(error) },
+                    };
+                    self.as_mut().project().state.set(next);
+                }
+                StateProj::Called { future, watch } => {
+                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if let Some(watch) = watch.take() {
+                        watch.report(response.status());
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Refused { error } => {
+                    return Poll::Ready(Err(match error.take() {
+                        Some(error) => error.into(),
+                        None => "response future polled after completion".into(),
+                    }))
+                }
+            }
+        }
+    }
+}
+
+impl<F, W> fmt::Debug for ResponseFuture<F, W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = match &self.state {
+            State::Waiting { .. } => "waiting for a token",
+            State::Called { .. } => "called",
+            State::Refused { .. } => "refused",
+        };
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
+    }
+}
+
+/// The first stage of a [`ResponseFuture`] whose request found no usable token: it waits
+/// for the fetch under way, then calls the inner service with the token it brought.
+///
+/// The inner service it calls is the instance that `poll_ready` readied; the service left a
+/// clone in its place. Dropping the future drops the wait, not the fetch.
+pub struct TokenWait<S, B> {
+    rx: oneshot::Receiver<Outcome>,
+    inner: Option<S>,
+    request: Option<Request<B>>,
+    instance_key: HeaderValue,
+    token: CachedToken,
+}
+
+impl<S, B> TokenWait<S, B> {
+    pub(crate) fn new(
+        rx: oneshot::Receiver<Outcome>,
+        inner: S,
+        request: Request<B>,
+        instance_key: HeaderValue,
+        token: CachedToken,
+    ) -> Self {
+        TokenWait {
+            rx,
+            inner: Some(inner),
+            request: Some(request),
+            instance_key,
+            token,
+        }
+    }
+}
+
+impl<S, B> fmt::Debug for TokenWait<S, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenWait")
+            .field("source", self.token.source_name())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) use self::sealed::Watch;
+
+pub(crate) mod sealed {
+    use super::*;
+
+    /// What a response future needs to report how the server answered a token.
+    #[derive(Debug)]
+    pub struct Watch {
+        pub(crate) cache: Arc<Cache>,
+        pub(crate) generation: u64,
+        pub(crate) statuses: Arc<[StatusCode]>,
+    }
+
+    impl Watch {
+        pub(super) fn report(self, status: StatusCode) {
+            if self.statuses.contains(&status) {
+                self.cache.invalidate(self.generation);
+            } else {
+                self.cache.confirm(self.generation);
+            }
+        }
+    }
+
+    /// A first stage that produces the inner service's future.
+    pub trait Wait<F> {
+        fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<(F, Option<Watch>), Error>>;
+    }
+}
+
+impl<S, B> sealed::Wait<S::Future> for TokenWait<S, B>
+where
+    S: Service<Request<B>>,
+{
+    fn poll_call(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<(S::Future, Option<Watch>), Error>> {
+        let outcome = match ready!(Pin::new(&mut self.rx).poll(cx)) {
+            Ok(outcome) => outcome,
+            // The fetch task dropped its waiters without a word, which it never does on
+            // purpose; treat it as abandoned.
+            Err(_) => Err(Error::FetchAbandoned {
+                source_name: Arc::clone(self.token.source_name()),
+            }),
+        };
+        let snapshot = outcome?;
+        let (Some(mut inner), Some(mut request)) = (self.inner.take(), self.request.take()) else {
+            return Poll::Ready(Err(Error::FetchAbandoned {
+                source_name: Arc::clone(self.token.source_name()),
+            }));
+        };
+
+        let headers = request.headers_mut();
+        headers.insert(TWN_INSTANCEKEY, self.instance_key.clone());
+        headers.insert(TWN_AUTHENTICATION, snapshot.value);
+        let watch = self.token.watch(snapshot.generation);
+        Poll::Ready(Ok((inner.call(request), watch)))
     }
 }

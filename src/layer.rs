@@ -8,10 +8,9 @@ use http::StatusCode;
 use tower::retry::RetryLayer;
 
 use crate::cache::{Cache, CacheOptions, CachedToken};
-use crate::credentials::{AccessToken, InstanceKey};
+use crate::credentials::{AccessToken, InstanceKey, StaticToken};
 use crate::destination::{Destinations, Origin};
 use crate::error::{CredentialKind, InvalidCredential, InvalidReason, LoadError, LoadedFrom};
-use crate::provider::StaticToken;
 use crate::retry::RetryRejected;
 use crate::service::Shared;
 use crate::source::{EnvSource, FileSource, Token, TokenSource};
@@ -97,10 +96,12 @@ impl TwnAuthLayer<CachedToken> {
     ///   [`Error::Fetch`](crate::Error::Fetch), and so does every request until the backoff has
     ///   passed; the first request after it starts a new fetch.
     ///
-    /// Waiting for a token happens in `poll_ready`, before the inner service is polled, so a
-    /// waiting request holds no capacity of the inner service. The fetch and the timers that
-    /// track expiry run on the Tokio runtime of the request that needs them; it must have
-    /// timers enabled (`#[tokio::main]` and `Runtime::new` do).
+    /// A request waits for a token in its response future, after `poll_ready`: it holds
+    /// whatever the inner service reserved for it (a concurrency permit, a buffer slot) while
+    /// it waits. Requests that need no token from the layer (those refused, outside the
+    /// scope, or carrying their own [`TwnCredentials`](crate::TwnCredentials)) never wait.
+    /// The fetch and the timers that track expiry run on the Tokio runtime of the request
+    /// that needs them; it must have timers enabled (`#[tokio::main]` and `Runtime::new` do).
     ///
     /// ```
     /// use std::time::Duration;

@@ -101,7 +101,7 @@ mod cache;
 pub mod credentials;
 mod destination;
 mod error;
-mod future;
+pub mod future;
 mod layer;
 mod provider;
 #[cfg(feature = "tower-http")]
@@ -112,7 +112,7 @@ pub mod source;
 
 pub use self::cache::CachedToken;
 pub use self::credentials::{
-    AccessToken, InstanceKey, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
+    AccessToken, InstanceKey, StaticToken, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
 };
 pub use self::destination::{InvalidOrigin, Origin};
 pub use self::error::{
@@ -120,7 +120,7 @@ pub use self::error::{
 };
 pub use self::future::ResponseFuture;
 pub use self::layer::{TwnAuthLayer, ENV_ACCESS_TOKEN, ENV_ACCESS_TOKEN_FILE, ENV_INSTANCE_KEY};
-pub use self::provider::{StaticToken, TokenProvider};
+pub use self::provider::TokenProvider;
 pub use self::retry::{ReplayBody, RetryRejected};
 pub use self::service::TwnAuth;
 pub use self::source::{EnvSource, FileSource, Token, TokenSource};

@@ -2,18 +2,22 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 
-use http::{Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::cache::Lookup;
+use crate::credentials::StaticToken;
 use crate::credentials::{InstanceKey, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY};
 use crate::destination::{Destinations, Verdict};
+use crate::error::Error;
 use crate::future::ResponseFuture;
+use crate::future::TokenWait;
 use crate::layer::TwnAuthLayer;
-use crate::provider::{StaticToken, TokenProvider};
+use crate::provider::TokenProvider;
 
 /// What every clone of a layer's services shares, fixed when the layer is built.
 #[derive(Clone, Debug)]
@@ -31,13 +35,19 @@ pub(crate) struct LeftOrigin;
 /// service.
 ///
 /// Made by [`TwnAuthLayer`]; see the [crate docs](crate) for what it does to each request.
+/// `poll_ready` is the inner service's readiness, and `call` uses the instance it readied.
+///
+/// The inner service must be `Clone`, as hyper-util's client and most tower stacks are (wrap
+/// one that is not in `tower::buffer::Buffer`): a request that has to wait for a token takes
+/// the readied instance into its response future and leaves a clone behind, the way
+/// tower-http's `FollowRedirect` does.
 /// `P` is where the token comes from: [`StaticToken`] for a layer made with
 /// [`TwnAuthLayer::new`], [`CachedToken`](crate::CachedToken) for one made with a token
 /// source.
 pub struct TwnAuth<S, P = StaticToken> {
     inner: S,
     shared: Arc<Shared>,
-    /// Holds what `poll_ready` reserved for the next `call`.
+    /// The fixed token, or this clone's handle on the cache.
     token: P,
 }
 
@@ -74,58 +84,98 @@ impl<S, P> TwnAuth<S, P> {
     }
 }
 
+/// What the destination rules and the request's own credentials leave for the layer to do.
+enum Route {
+    /// Fail the request without calling the inner service.
+    Refuse(Error),
+    /// The request's headers are settled (stripped, or its own credentials set): send it.
+    Send,
+    /// Attach the layer's credentials.
+    Attach,
+}
+
+impl<S, P> TwnAuth<S, P> {
+    /// Applies the destination rules and any per-request credentials to `request`.
+    fn route<B>(&self, request: &mut Request<B>) -> Route {
+        let verdict = self.shared.destinations.verdict(request.uri());
+        let extensions = request.extensions();
+        let left_origin = extensions.get::<LeftOrigin>().is_some();
+        let own = extensions.get::<TwnCredentials>().map(|own| {
+            (
+                own.instance_key.header_value().clone(),
+                own.access_token.header_value().clone(),
+            )
+        });
+
+        let headers = request.headers_mut();
+        match verdict {
+            Verdict::Refuse(error) => Route::Refuse(error),
+            Verdict::Strip => {
+                headers.remove(TWN_INSTANCEKEY);
+                headers.remove(TWN_AUTHENTICATION);
+                Route::Send
+            }
+            Verdict::Attach if left_origin => {
+                headers.remove(TWN_INSTANCEKEY);
+                headers.remove(TWN_AUTHENTICATION);
+                Route::Send
+            }
+            Verdict::Attach => match own {
+                Some((key, token)) => {
+                    attach(headers, key, token);
+                    Route::Send
+                }
+                None => Route::Attach,
+            },
+        }
+    }
+}
+
+/// Sets both headers; `insert` replaces every value already there, so each leaves once.
+fn attach(headers: &mut HeaderMap, key: HeaderValue, token: HeaderValue) {
+    headers.insert(TWN_INSTANCEKEY, key);
+    headers.insert(TWN_AUTHENTICATION, token);
+}
+
 impl<S, P, B, ResB> Service<Request<B>> for TwnAuth<S, P>
 where
-    S: Service<Request<B>, Response = Response<ResB>>,
+    S: Service<Request<B>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
     P: TokenProvider,
 {
     type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future>;
+    type Future = ResponseFuture<S::Future, TokenWait<S, B>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        // The token first: a service that waits for a fetch should not hold on to whatever
-        // the inner service reserved for it (a concurrency permit, a buffer slot).
-        ready!(self.token.poll_token(cx));
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    /// Sends the request with its token, or waits for one in the response future.
+    ///
+    /// A request that must wait (only with a token source) takes the inner service this
+    /// instance readied with it and leaves a clone in its place, since the wait may outlive
+    /// this call.
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let verdict = self.shared.destinations.verdict(request.uri());
-        let extensions = request.extensions();
-        let own = extensions.get::<TwnCredentials>();
-        let attach = matches!(verdict, Verdict::Attach) && extensions.get::<LeftOrigin>().is_none();
-        let reserved = self.token.take(attach && own.is_none());
+        match self.route(&mut request) {
+            Route::Refuse(error) => return ResponseFuture::refused(error),
+            Route::Send => return ResponseFuture::called(self.inner.call(request), None),
+            Route::Attach => {}
+        }
 
-        let (key, token, watch) = match (verdict, own) {
-            (Verdict::Refuse(error), _) => return ResponseFuture::refused(error),
-            _ if !attach => {
-                let headers = request.headers_mut();
-                headers.remove(TWN_INSTANCEKEY);
-                headers.remove(TWN_AUTHENTICATION);
-                return ResponseFuture::called(self.inner.call(request), None);
+        let key = self.shared.instance_key.header_value().clone();
+        match self.token.lookup() {
+            Lookup::Ready(token, watch) => {
+                attach(request.headers_mut(), key, token);
+                ResponseFuture::called(self.inner.call(request), watch)
             }
-            (_, Some(own)) => (
-                own.instance_key.header_value().clone(),
-                own.access_token.header_value().clone(),
-                None,
-            ),
-            (_, None) => match reserved {
-                Ok((token, watch)) => (
-                    self.shared.instance_key.header_value().clone(),
-                    token,
-                    watch,
-                ),
-                Err(error) => return ResponseFuture::refused(error),
-            },
-        };
-
-        // `insert` replaces every value already there, so each header leaves exactly once.
-        let headers = request.headers_mut();
-        headers.insert(TWN_INSTANCEKEY, key);
-        headers.insert(TWN_AUTHENTICATION, token);
-        ResponseFuture::called(self.inner.call(request), watch)
+            Lookup::Failed(error) => ResponseFuture::refused(error),
+            Lookup::Wait(rx, handle) => {
+                let clone = self.inner.clone();
+                let readied = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::waiting(TokenWait::new(rx, readied, request, key, handle))
+            }
+        }
     }
 }
 

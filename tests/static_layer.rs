@@ -302,7 +302,7 @@ fn debug_of_credentials_shows_no_secret() {
 #[tokio::test]
 async fn debug_of_response_future_shows_no_secret() {
     let mut service = canary_layer().layer(tower::service_fn(echo::<()>));
-    let future: ResponseFuture<_> = service.ready().await.unwrap().call(request());
+    let future: ResponseFuture<_, _> = service.ready().await.unwrap().call(request());
 
     assert_no_canary("response future", &format!("{future:?}"));
     future.await.unwrap();
@@ -717,10 +717,10 @@ fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
 fn assert_send_type<T: Send>() {}
 
 /// Holds for every inner service and future with the stated traits, not only one example.
-fn auto_traits_follow_the_inner_service<S: Send + Sync + Clone, F: Send>() {
+fn auto_traits_follow_the_inner_service<S: Send + Sync + Clone, F: Send, B: Send>() {
     assert_send_sync_clone::<TwnAuthLayer>();
     assert_send_sync_clone::<TwnAuth<S>>();
-    assert_send_type::<ResponseFuture<F>>();
+    assert_send_type::<ResponseFuture<F, tower_twn_auth::future::TokenWait<S, B>>>();
 }
 
 #[tokio::test]
@@ -740,7 +740,7 @@ async fn layer_service_and_future_are_send_and_layer_and_service_clone_sync() {
     assert_send(&future);
     future.await.unwrap();
 
-    auto_traits_follow_the_inner_service::<Buffer<Request<()>, BoxFuture>, BoxFuture>();
+    auto_traits_follow_the_inner_service::<Buffer<Request<()>, BoxFuture>, BoxFuture, ()>();
 }
 
 type BoxFuture = std::pin::Pin<Box<dyn Future<Output = Result<Response<()>, BoxError>> + Send>>;
