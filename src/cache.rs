@@ -782,3 +782,27 @@ impl fmt::Debug for CachedToken {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_stays_under_cap() {
+        let options = CacheOptions::default();
+        let mut delays = Vec::new();
+        for _ in 0..50 {
+            let mut backoff = Backoff::new();
+            let run: Vec<_> = (0..8).map(|_| backoff.next_delay(&options)).collect();
+            for (failures, delay) in run.iter().enumerate() {
+                let base = Duration::from_secs(1 << failures.min(5)).min(options.backoff_max);
+                assert!(*delay >= base, "{delay:?} < {base:?}");
+                assert!(*delay <= (base + base / 2).min(options.backoff_max));
+            }
+            delays.push(run[0]);
+        }
+        delays.sort();
+        delays.dedup();
+        assert!(delays.len() > 10, "no jitter: {delays:?}");
+    }
+}
