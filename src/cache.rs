@@ -721,6 +721,7 @@ impl CachedToken {
     /// The fast path: if the published word is usable and belongs to the snapshot this clone
     /// holds, the snapshot is sent, after one atomic load. Otherwise the slow path decides.
     /// Either way, a `STALE` word starts a background refresh.
+    #[inline]
     pub(crate) fn lookup(&mut self) -> Lookup {
         let seen = self.cache.word.0.load(Ordering::Acquire);
         if let Some(local) = &self.local {

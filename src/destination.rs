@@ -23,11 +23,15 @@ use crate::error::Error;
 ///
 /// Hosts compare without regard to case; a missing port is the scheme's default (443 for
 /// `https`, 80 for `http`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Origin {
     https: bool,
     host: Box<str>,
     port: u16,
+    /// `host:port`, and `host` alone when the port is the scheme's default: the forms an
+    /// authority without user info can take, compared as they are so that the host and port
+    /// need not be parsed out of every request's URI.
+    authorities: Box<[Box<str>]>,
 }
 
 /// A string that is not an origin: it lacks an `http` or `https` scheme or a host, or has a
@@ -78,15 +82,47 @@ impl Origin {
         if host.is_empty() {
             return Err(invalid("no host"));
         }
+        let host = host.to_ascii_lowercase();
+        let port = authority.port_u16().unwrap_or(default_port(https));
+        let mut authorities = vec![format!("{host}:{port}").into_boxed_str()];
+        if port == default_port(https) {
+            authorities.push(host.clone().into_boxed_str());
+        }
         Ok(Origin {
             https,
-            host: host.to_ascii_lowercase().into(),
-            port: authority.port_u16().unwrap_or(default_port(https)),
+            host: host.into(),
+            port,
+            authorities: authorities.into(),
         })
     }
 
-    fn matches(&self, https: bool, host: &str, port: u16) -> bool {
-        self.https == https && self.port == port && self.host.eq_ignore_ascii_case(host)
+    /// Whether a request for `uri`, whose scheme is `https` or not, goes to this origin.
+    fn matches(&self, https: bool, uri: &Uri) -> bool {
+        if self.https != https {
+            return false;
+        }
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let authority = authority.as_str();
+        if !authority.contains('@') {
+            return self
+                .authorities
+                .iter()
+                .any(|known| known.eq_ignore_ascii_case(authority));
+        }
+        // User info in front of the host: take the slower, parsing way.
+        let port = uri.port_u16().unwrap_or(default_port(https));
+        uri.host()
+            .is_some_and(|host| self.port == port && self.host.eq_ignore_ascii_case(host))
+    }
+}
+
+impl fmt::Debug for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Origin")
+            .field(&format_args!("{self}"))
+            .finish()
     }
 }
 
@@ -114,13 +150,29 @@ const fn default_port(https: bool) -> u16 {
 }
 
 /// What to do with a request, given its URI.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Verdict {
     /// Attach the credentials.
     Attach,
     /// Outside the scope: send the request without any TWN header.
     Strip,
-    /// Fail the request without calling the inner service.
-    Refuse(Error),
+    /// Plain http (or another scheme) to a host that is not loopback: refuse it.
+    Insecure,
+    /// No scheme or host: refuse it.
+    Unknown,
+}
+
+impl Verdict {
+    /// Returns the error a refused request fails with, or `None` if it is not refused.
+    pub(crate) fn refusal(self, uri: &Uri) -> Option<Error> {
+        match self {
+            Verdict::Insecure => Some(Error::InsecureDestination {
+                host: uri.host().unwrap_or_default().into(),
+            }),
+            Verdict::Unknown => Some(Error::UnknownDestination),
+            Verdict::Attach | Verdict::Strip => None,
+        }
+    }
 }
 
 /// The destination rules of a layer.
@@ -133,44 +185,36 @@ pub(crate) struct Destinations {
 
 impl Destinations {
     /// Decides, from the URI alone, whether credentials may go with a request.
+    ///
+    /// This runs on every request: the common case, https with no scope, reads the scheme
+    /// and nothing else, and a scope compares the authority as it stands.
+    #[inline]
     pub(crate) fn verdict(&self, uri: &Uri) -> Verdict {
-        let https = match uri.scheme() {
-            Some(scheme) if *scheme == Scheme::HTTPS => true,
-            Some(scheme) if *scheme == Scheme::HTTP => false,
-            Some(_) => {
-                let host = uri.host().unwrap_or_default().into();
-                return self.outside_scope_or(Verdict::Refuse(Error::InsecureDestination { host }));
-            }
+        // `http` stores the two standard schemes in lowercase, whatever the request said.
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            Some(_) if self.scope.is_some() => return Verdict::Strip,
+            Some(_) => return Verdict::Insecure,
             None if self.allow_relative => return Verdict::Attach,
-            None => return Verdict::Refuse(Error::UnknownDestination),
+            None => return Verdict::Unknown,
         };
-        // The common case, https with no scope, needs nothing more from the URI.
         if https && self.scope.is_none() {
             return Verdict::Attach;
         }
 
-        let Some(host) = uri.host() else {
-            return Verdict::Refuse(Error::UnknownDestination);
-        };
         if let Some(scope) = &self.scope {
-            let port = uri.port_u16().unwrap_or(default_port(https));
-            if !scope.iter().any(|origin| origin.matches(https, host, port)) {
+            if !scope.iter().any(|origin| origin.matches(https, uri)) {
                 return Verdict::Strip;
             }
         }
-        if https || self.allow_plain_http || is_loopback(host) {
-            Verdict::Attach
-        } else {
-            Verdict::Refuse(Error::InsecureDestination { host: host.into() })
+        if https || self.allow_plain_http {
+            return Verdict::Attach;
         }
-    }
-
-    /// A request the scope excludes is not refused: it simply goes without credentials.
-    fn outside_scope_or(&self, verdict: Verdict) -> Verdict {
-        if self.scope.is_some() {
-            Verdict::Strip
-        } else {
-            verdict
+        match uri.host() {
+            Some(host) if is_loopback(host) => Verdict::Attach,
+            Some(_) => Verdict::Insecure,
+            None => Verdict::Unknown,
         }
     }
 }

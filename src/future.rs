@@ -33,8 +33,10 @@ pin_project! {
 pin_project! {
     #[project = StateProj]
     enum State<F, W> {
+        // Boxed: only a request that must wait for a token pays for the space it takes (the
+        // request and an inner service), and the future of every other request stays small.
         Waiting {
-            wait: W,
+            wait: Box<W>,
         },
         Called {
             #[pin]
@@ -62,7 +64,9 @@ impl<F, W> ResponseFuture<F, W> {
 
     pub(crate) fn waiting(wait: W) -> Self {
         ResponseFuture {
-            state: State::Waiting { wait },
+            state: State::Waiting {
+                wait: Box::new(wait),
+            },
         }
     }
 }
@@ -87,11 +91,15 @@ where
                     self.as_mut().project().state.set(next);
                 }
                 StateProj::Called { future, watch } => {
-                    let response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if let Some(watch) = watch.take() {
-                        watch.report(response.status());
-                    }
-                    return Poll::Ready(Ok(response));
+                    return match ready!(future.poll(cx)) {
+                        Ok(response) => {
+                            if let Some(watch) = watch.take() {
+                                watch.report(response.status());
+                            }
+                            Poll::Ready(Ok(response))
+                        }
+                        Err(error) => Poll::Ready(Err(error.into())),
+                    };
                 }
                 StateProj::Refused { error } => {
                     return Poll::Ready(Err(match error.take() {

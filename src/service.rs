@@ -98,40 +98,44 @@ impl<S, P> TwnAuth<S, P> {
     /// Applies the destination rules and any per-request credentials to `request`.
     fn route<B>(&self, request: &mut Request<B>) -> Route {
         let verdict = self.shared.destinations.verdict(request.uri());
+        let mut own = None;
+        let mut left_origin = false;
         let extensions = request.extensions();
-        let left_origin = extensions.get::<LeftOrigin>().is_some();
-        let own = extensions.get::<TwnCredentials>().map(|own| {
-            (
-                own.instance_key.header_value().clone(),
-                own.access_token.header_value().clone(),
-            )
-        });
+        // Most requests carry no extensions at all; look nothing up for them.
+        if !extensions.is_empty() {
+            left_origin = extensions.get::<LeftOrigin>().is_some();
+            own = extensions.get::<TwnCredentials>().map(|own| {
+                (
+                    own.instance_key.header_value().clone(),
+                    own.access_token.header_value().clone(),
+                )
+            });
+        }
 
-        let headers = request.headers_mut();
         match verdict {
-            Verdict::Refuse(error) => Route::Refuse(error),
-            Verdict::Strip => {
-                headers.remove(TWN_INSTANCEKEY);
-                headers.remove(TWN_AUTHENTICATION);
-                Route::Send
-            }
-            Verdict::Attach if left_origin => {
-                headers.remove(TWN_INSTANCEKEY);
-                headers.remove(TWN_AUTHENTICATION);
-                Route::Send
-            }
-            Verdict::Attach => match own {
+            Verdict::Insecure | Verdict::Unknown => match verdict.refusal(request.uri()) {
+                Some(error) => Route::Refuse(error),
+                None => Route::Send,
+            },
+            Verdict::Attach if !left_origin => match own {
                 Some((key, token)) => {
-                    attach(headers, key, token);
+                    attach(request.headers_mut(), key, token);
                     Route::Send
                 }
                 None => Route::Attach,
             },
+            Verdict::Strip | Verdict::Attach => {
+                let headers = request.headers_mut();
+                headers.remove(TWN_INSTANCEKEY);
+                headers.remove(TWN_AUTHENTICATION);
+                Route::Send
+            }
         }
     }
 }
 
 /// Sets both headers; `insert` replaces every value already there, so each leaves once.
+#[inline]
 fn attach(headers: &mut HeaderMap, key: HeaderValue, token: HeaderValue) {
     headers.insert(TWN_INSTANCEKEY, key);
     headers.insert(TWN_AUTHENTICATION, token);
