@@ -150,8 +150,12 @@ fn product_count(body: &[u8]) -> Option<u64> {
 
 /// Turns a failed call into a message naming what to change.
 fn explain(url: &str, error: BoxError) -> Box<dyn Error> {
-    if let Some(refused) = error.downcast_ref::<tower_twn_auth::Error>() {
-        return format!("{refused}; {ENV_API_URL} must be https, or http to localhost").into();
+    match error.downcast_ref::<tower_twn_auth::Error>() {
+        Some(refused @ tower_twn_auth::Error::InsecureDestination { .. }) => {
+            return format!("{refused}; {ENV_API_URL} must be https, or http to localhost").into()
+        }
+        Some(other) => return with_causes(other).into(),
+        None => {}
     }
     format!("cannot reach {url}: {}", with_causes(&*error)).into()
 }
