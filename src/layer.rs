@@ -128,6 +128,9 @@ impl TwnAuthLayer<CachedToken> {
     /// [`EnvSource`] or a [`FileSource`]) so that a rotated secret is picked up without a
     /// restart. Surrounding whitespace is trimmed.
     ///
+    /// `TWN_ACCESS_TOKEN_FILE` is a path, and paths appear in error messages and `tracing`
+    /// events; a token put there by mistake would be printed with them.
+    ///
     /// # Errors
     ///
     /// Returns [`LoadError`] if a variable is missing, empty or not Unicode, if both token
