@@ -17,6 +17,8 @@ use tower_twn_auth::{
 const LAYER_KEY: &str = "ik-layer";
 const LAYER_TOKEN: &str = "tok-layer";
 const SOURCE_TOKEN: &str = "tok-from-source";
+const REQUEST_KEY: &str = "ik-b";
+const REQUEST_TOKEN: &str = "tok-b";
 
 /// What the inner service found on a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,16 +90,96 @@ fn recorder(
     })
 }
 
-/// Sends `request` through `layer` over a fresh recorder; returns what arrived and how many
-/// times the inner service was called.
-async fn send<P: TokenProvider>(
-    layer: &TwnAuthLayer<P>,
-    request: Request<()>,
-) -> (Result<Seen, BoxError>, usize) {
+/// What became of one request sent through a layer over a fresh recorder. Each variant holds
+/// only with the inner call count it names, so comparing outcomes compares the counts too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Outcome {
+    /// The inner service was called exactly once and found these headers.
+    Sent(Seen),
+    /// Refused with `InsecureDestination` for this host, without calling the inner service.
+    Insecure(String),
+    /// Refused with `UnknownDestination`, without calling the inner service.
+    Unknown,
+    /// Refused because the token source failed, without calling the inner service.
+    FetchFailed,
+    /// Anything else, described.
+    Unexpected(String),
+}
+
+impl Outcome {
+    fn new(result: Result<Seen, BoxError>, calls: usize) -> Self {
+        match (result, calls) {
+            (Ok(seen), 1) => Outcome::Sent(seen),
+            (Err(err), 0) => match err.downcast_ref::<Error>() {
+                Some(Error::InsecureDestination { host, .. }) => Outcome::Insecure(host.clone()),
+                Some(Error::UnknownDestination { .. }) => Outcome::Unknown,
+                Some(Error::Fetch { .. }) => Outcome::FetchFailed,
+                _ => Outcome::Unexpected(format!("refused with {err:?}")),
+            },
+            (result, calls) => Outcome::Unexpected(format!("{result:?} after {calls} inner calls")),
+        }
+    }
+
+    /// Sent with exactly one value of each header, both sensitive.
+    fn pair(key: &str, token: &str) -> Self {
+        Outcome::Sent(Seen::pair(key, token))
+    }
+
+    /// Sent with the layer's key and its fixed token.
+    fn layer_pair() -> Self {
+        Outcome::pair(LAYER_KEY, LAYER_TOKEN)
+    }
+
+    /// Sent with the layer's key and the token from its source.
+    fn source_pair() -> Self {
+        Outcome::pair(LAYER_KEY, SOURCE_TOKEN)
+    }
+
+    /// Sent with the pair [`with_request_credentials`] adds.
+    fn request_pair() -> Self {
+        Outcome::pair(REQUEST_KEY, REQUEST_TOKEN)
+    }
+
+    /// Sent on without any TWN header.
+    fn stripped() -> Self {
+        Outcome::Sent(Seen::none())
+    }
+
+    fn insecure(host: &str) -> Self {
+        Outcome::Insecure(host.to_owned())
+    }
+}
+
+/// Sends `request` through `layer` over a fresh recorder and returns what became of it.
+async fn send<P: TokenProvider>(layer: &TwnAuthLayer<P>, request: Request<()>) -> Outcome {
     let calls = Arc::new(AtomicUsize::new(0));
     let service = layer.layer(recorder(Arc::clone(&calls)));
     let result = service.oneshot(request).await.map(Response::into_body);
-    (result, calls.load(Ordering::SeqCst))
+    Outcome::new(result, calls.load(Ordering::SeqCst))
+}
+
+/// Sends each request through `layer` and checks its outcome; a failure names the URI.
+async fn assert_outcomes<P: TokenProvider>(
+    layer: &TwnAuthLayer<P>,
+    cases: impl IntoIterator<Item = (Request<()>, Outcome)>,
+) {
+    for (request, expected) in cases {
+        let uri = request.uri().clone();
+        assert_eq!(send(layer, request).await, expected, "{uri}");
+    }
+}
+
+/// Sends each request through `layer` and checks that each comes to `expected`; a failure
+/// names the URI.
+async fn assert_all<P: TokenProvider>(
+    layer: &TwnAuthLayer<P>,
+    requests: impl IntoIterator<Item = Request<()>>,
+    expected: Outcome,
+) {
+    let cases = requests
+        .into_iter()
+        .map(|request| (request, expected.clone()));
+    assert_outcomes(layer, cases).await;
 }
 
 fn get(uri: &str) -> Request<()> {
@@ -113,11 +195,14 @@ fn with_stale_headers(uri: &str) -> Request<()> {
         .expect("valid request")
 }
 
-fn with_credentials(uri: &str, credentials: TwnCredentials) -> Request<()> {
-    Request::get(uri)
-        .extension(credentials)
-        .body(())
-        .expect("valid request")
+fn with_credentials(mut request: Request<()>, credentials: TwnCredentials) -> Request<()> {
+    request.extensions_mut().insert(credentials);
+    request
+}
+
+/// Adds the per-request pair `REQUEST_KEY`, `REQUEST_TOKEN` to `request`.
+fn with_request_credentials(request: Request<()>) -> Request<()> {
+    with_credentials(request, credentials(REQUEST_KEY, REQUEST_TOKEN))
 }
 
 fn credentials(key: &str, token: &str) -> TwnCredentials {
@@ -152,55 +237,34 @@ fn origin(uri: &str) -> Origin {
     Origin::new(uri).expect("valid origin")
 }
 
-#[track_caller]
-fn assert_insecure(result: Result<Seen, BoxError>, expected_host: &str) {
-    let err = result.expect_err("the request must be refused");
-    match err.downcast_ref::<Error>() {
-        Some(Error::InsecureDestination { host, .. }) => assert_eq!(host, expected_host),
-        other => panic!("expected InsecureDestination, got {other:?} ({err})"),
-    }
-}
-
-#[track_caller]
-fn assert_unknown(result: Result<Seen, BoxError>) {
-    let err = result.expect_err("the request must be refused");
-    assert!(
-        matches!(
-            err.downcast_ref::<Error>(),
-            Some(Error::UnknownDestination { .. })
-        ),
-        "expected UnknownDestination, got {err:?}"
-    );
-}
-
 // The scheme check.
 
 #[tokio::test]
 async fn plain_http_to_remote_host_is_refused_without_calling_inner() {
-    let (result, calls) = send(&static_layer(), get("http://api.example.test/")).await;
+    let outcome = send(&static_layer(), get("http://api.example.test/")).await;
 
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 }
 
 #[tokio::test]
 async fn plain_http_to_remote_host_is_refused_even_with_explicit_port_or_ip() {
-    for (uri, host) in [
+    let cases = [
         ("http://api.example.test:8080/stats", "api.example.test"),
         ("http://10.0.0.1/", "10.0.0.1"),
         ("http://128.0.0.1/", "128.0.0.1"),
         ("http://[::2]:8080/", "[::2]"),
         ("http://localhost.example.test/", "localhost.example.test"),
-    ] {
-        let (result, calls) = send(&static_layer(), get(uri)).await;
-        assert_insecure(result, host);
-        assert_eq!(calls, 0, "{uri}");
-    }
+    ];
+    assert_outcomes(
+        &static_layer(),
+        cases.map(|(uri, host)| (get(uri), Outcome::insecure(host))),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn https_and_loopback_http_destinations_carry_both_headers() {
-    for uri in [
+    let uris = [
         "http://127.0.0.1:8080/stats/totalproducts",
         "http://127.9.8.7/",
         "http://localhost/",
@@ -208,98 +272,76 @@ async fn https_and_loopback_http_destinations_carry_both_headers() {
         "http://[::1]:8080/",
         "https://api.example.test/",
         "https://api.example.test:8443/stats",
-    ] {
-        let (result, calls) = send(&static_layer(), get(uri)).await;
-        assert_eq!(
-            result.expect(uri),
-            Seen::pair(LAYER_KEY, LAYER_TOKEN),
-            "{uri}"
-        );
-        assert_eq!(calls, 1, "{uri}");
-    }
+    ];
+    assert_all(&static_layer(), uris.map(get), Outcome::layer_pair()).await;
 }
 
 #[tokio::test]
 async fn allow_plain_http_lets_plain_http_to_remote_host_through_with_both_headers() {
     let layer = static_layer().allow_plain_http();
 
-    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+    let outcome = send(&layer, get("http://api.example.test/")).await;
 
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::layer_pair());
 }
 
 #[tokio::test]
 async fn relative_uri_is_refused_with_unknown_destination_without_calling_inner() {
-    for uri in ["/stats/totalproducts", "*"] {
-        let (result, calls) = send(&static_layer(), get(uri)).await;
-        assert_unknown(result);
-        assert_eq!(calls, 0, "{uri}");
-    }
+    let uris = ["/stats/totalproducts", "*"];
+    assert_all(&static_layer(), uris.map(get), Outcome::Unknown).await;
 }
 
 #[tokio::test]
 async fn relative_uri_is_refused_even_with_allow_plain_http() {
     let layer = static_layer().allow_plain_http();
 
-    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+    let outcome = send(&layer, get("/stats/totalproducts")).await;
 
-    assert_unknown(result);
-    assert_eq!(calls, 0);
+    assert_eq!(outcome, Outcome::Unknown);
 }
 
 #[tokio::test]
 async fn allow_relative_uris_lets_relative_uri_through_with_both_headers() {
     let layer = static_layer().allow_relative_uris();
 
-    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
+    let outcome = send(&layer, get("/stats/totalproducts")).await;
 
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::layer_pair());
 }
 
 #[tokio::test]
 async fn allow_relative_uris_still_refuses_plain_http_to_remote_host() {
     let layer = static_layer().allow_relative_uris();
 
-    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+    let outcome = send(&layer, get("http://api.example.test/")).await;
 
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 }
 
 #[tokio::test]
 async fn other_schemes_are_refused_without_calling_inner_even_with_allow_plain_http() {
-    for layer in [static_layer(), static_layer().allow_plain_http()] {
-        for uri in [
-            "ftp://api.example.test/",
-            "ws://127.0.0.1:8080/",
-            "wss://api.example.test/",
+    for (label, layer) in [
+        ("default layer", static_layer()),
+        ("allow_plain_http", static_layer().allow_plain_http()),
+    ] {
+        for (uri, host) in [
+            ("ftp://api.example.test/", "api.example.test"),
+            ("ws://127.0.0.1:8080/", "127.0.0.1"),
+            ("wss://api.example.test/", "api.example.test"),
         ] {
-            let host = uri
-                .split("://")
-                .nth(1)
-                .unwrap()
-                .split([':', '/'])
-                .next()
-                .unwrap();
-            let (result, calls) = send(&layer, get(uri)).await;
-            assert_insecure(result, host);
-            assert_eq!(calls, 0, "{uri}");
+            let outcome = send(&layer, get(uri)).await;
+            assert_eq!(outcome, Outcome::insecure(host), "{label}: {uri}");
         }
     }
 }
 
 #[tokio::test]
 async fn header_values_already_on_the_request_are_replaced_by_exactly_one_each() {
-    let (result, calls) = send(
-        &static_layer(),
-        with_stale_headers("https://api.example.test/"),
-    )
-    .await;
+    let request = with_stale_headers("https://api.example.test/");
 
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    let outcome = send(&static_layer(), request).await;
+
+    assert_eq!(outcome, Outcome::layer_pair());
 }
 
 // The scope.
@@ -312,44 +354,32 @@ fn scoped_to_tweakwise(layer: TwnAuthLayer) -> TwnAuthLayer {
 async fn scoped_layer_sends_request_to_other_origin_without_any_twn_header() {
     let layer = scoped_to_tweakwise(static_layer());
 
-    let (result, calls) = send(&layer, with_stale_headers("https://other.example.test/")).await;
+    let outcome = send(&layer, with_stale_headers("https://other.example.test/")).await;
 
-    assert_eq!(result.unwrap(), Seen::none());
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::stripped());
 }
 
 #[tokio::test]
 async fn scoped_layer_attaches_both_headers_to_scoped_origin_in_any_spelling() {
     let layer = scoped_to_tweakwise(static_layer());
 
-    for uri in [
+    let uris = [
         "https://navigator-api.tweakwise.com/stats/totalproducts",
         "https://navigator-api.tweakwise.com:443/stats/totalproducts",
         "https://NAVIGATOR-API.Tweakwise.COM/stats/totalproducts",
         "https://navigator-api.tweakwise.com",
-    ] {
-        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
-        assert_eq!(
-            result.expect(uri),
-            Seen::pair(LAYER_KEY, LAYER_TOKEN),
-            "{uri}"
-        );
-        assert_eq!(calls, 1, "{uri}");
-    }
+    ];
+    assert_all(&layer, uris.map(with_stale_headers), Outcome::layer_pair()).await;
 }
 
 #[tokio::test]
 async fn scope_given_with_upper_case_host_and_default_port_matches_lower_case_requests() {
     let layer = static_layer().scope(origin("HTTPS://Navigator-API.tweakwise.com:443/"));
 
-    let (result, calls) = send(
-        &layer,
-        get("https://navigator-api.tweakwise.com/stats/totalproducts"),
-    )
-    .await;
+    let uri = "https://navigator-api.tweakwise.com/stats/totalproducts";
+    let outcome = send(&layer, get(uri)).await;
 
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::layer_pair());
 }
 
 #[tokio::test]
@@ -358,37 +388,30 @@ async fn scope_treats_other_scheme_or_port_on_same_host_as_other_origin() {
         .allow_plain_http()
         .scope(origin("https://api.example.test"));
 
-    for uri in [
+    let uris = [
         "http://api.example.test/",
         "http://api.example.test:443/",
         "https://api.example.test:8443/",
         "https://api.example.test.evil.test/",
         "https://example.test/",
-    ] {
-        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
-        assert_eq!(result.expect(uri), Seen::none(), "{uri}");
-        assert_eq!(calls, 1, "{uri}");
-    }
+    ];
+    assert_all(&layer, uris.map(with_stale_headers), Outcome::stripped()).await;
 }
 
 #[tokio::test]
 async fn scope_on_loopback_treats_other_port_and_https_as_other_origin() {
     let layer = static_layer().scope(origin("http://127.0.0.1:8080"));
 
-    let (result, calls) = send(&layer, get("http://127.0.0.1:8080/x")).await;
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    let outcome = send(&layer, get("http://127.0.0.1:8080/x")).await;
+    assert_eq!(outcome, Outcome::layer_pair());
 
-    for uri in [
+    let other = [
         "http://127.0.0.1:8081/x",
         "https://127.0.0.1:8080/x",
         "http://127.0.0.1/x",
         "http://localhost:8080/x",
-    ] {
-        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
-        assert_eq!(result.expect(uri), Seen::none(), "{uri}");
-        assert_eq!(calls, 1, "{uri}");
-    }
+    ];
+    assert_all(&layer, other.map(with_stale_headers), Outcome::stripped()).await;
 }
 
 #[tokio::test]
@@ -397,57 +420,45 @@ async fn scope_called_twice_allows_both_origins_and_no_other() {
         .scope(origin("https://navigator-api.tweakwise.com"))
         .scope(origin("https://gateway.tweakwise.test:8443"));
 
-    for uri in [
+    let scoped = [
         "https://navigator-api.tweakwise.com/a",
         "https://gateway.tweakwise.test:8443/b",
-    ] {
-        let (result, _) = send(&layer, get(uri)).await;
-        assert_eq!(
-            result.expect(uri),
-            Seen::pair(LAYER_KEY, LAYER_TOKEN),
-            "{uri}"
-        );
-    }
-    let (result, calls) = send(&layer, get("https://gateway.tweakwise.test/b")).await;
-    assert_eq!(result.unwrap(), Seen::none());
-    assert_eq!(calls, 1);
+    ];
+    assert_all(&layer, scoped.map(get), Outcome::layer_pair()).await;
+
+    let outcome = send(&layer, get("https://gateway.tweakwise.test/b")).await;
+    assert_eq!(outcome, Outcome::stripped());
 }
 
 #[tokio::test]
 async fn scoped_plain_http_origin_is_still_refused_without_allow_plain_http() {
     let layer = static_layer().scope(origin("http://api.example.test"));
-
-    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    let outcome = send(&layer, get("http://api.example.test/")).await;
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 
     let layer = layer.allow_plain_http();
-    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    let outcome = send(&layer, get("http://api.example.test/")).await;
+    assert_eq!(outcome, Outcome::layer_pair());
 }
 
 #[tokio::test]
 async fn scoped_layer_passes_other_scheme_through_without_twn_headers() {
     let layer = scoped_to_tweakwise(static_layer());
 
-    let (result, calls) = send(&layer, with_stale_headers("ftp://files.example.test/")).await;
+    let outcome = send(&layer, with_stale_headers("ftp://files.example.test/")).await;
 
-    assert_eq!(result.unwrap(), Seen::none());
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::stripped());
 }
 
 #[tokio::test]
 async fn scoped_layer_still_refuses_relative_uri_unless_allowed() {
     let layer = scoped_to_tweakwise(static_layer());
-    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
-    assert_unknown(result);
-    assert_eq!(calls, 0);
+    let outcome = send(&layer, get("/stats/totalproducts")).await;
+    assert_eq!(outcome, Outcome::Unknown);
 
     let layer = layer.allow_relative_uris();
-    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, LAYER_TOKEN));
-    assert_eq!(calls, 1);
+    let outcome = send(&layer, get("/stats/totalproducts")).await;
+    assert_eq!(outcome, Outcome::layer_pair());
 }
 
 #[test]
@@ -477,48 +488,35 @@ fn origin_rejects_paths_queries_user_info_and_other_schemes() {
 
 #[tokio::test]
 async fn request_credentials_replace_the_layer_pair_for_that_request_only() {
-    let layer = static_layer();
     let calls = Arc::new(AtomicUsize::new(0));
-    let mut service = layer.layer(recorder(Arc::clone(&calls)));
+    let mut service = static_layer().layer(recorder(Arc::clone(&calls)));
 
-    let own = with_credentials(
-        "https://api.example.test/",
-        credentials("ik-shop-b", "tok-b"),
-    );
-    let seen_own = service
-        .ready()
-        .await
-        .unwrap()
-        .call(own)
-        .await
-        .unwrap()
-        .into_body();
-    let plain = with_stale_headers("https://api.example.test/");
-    let seen_plain = service
-        .ready()
-        .await
-        .unwrap()
-        .call(plain)
-        .await
-        .unwrap()
-        .into_body();
-
-    assert_eq!(seen_own, Seen::pair("ik-shop-b", "tok-b"));
-    assert_eq!(seen_plain, Seen::pair(LAYER_KEY, LAYER_TOKEN));
+    for (label, request, expected) in [
+        (
+            "request credentials",
+            with_request_credentials(get("https://api.example.test/")),
+            Seen::pair(REQUEST_KEY, REQUEST_TOKEN),
+        ),
+        (
+            "layer pair afterwards",
+            with_stale_headers("https://api.example.test/"),
+            Seen::pair(LAYER_KEY, LAYER_TOKEN),
+        ),
+    ] {
+        let service = service.ready().await.expect(label);
+        let seen = service.call(request).await.expect(label).into_body();
+        assert_eq!(seen, expected, "{label}");
+    }
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test]
 async fn request_credentials_replace_header_values_already_on_the_request() {
-    let mut request = with_stale_headers("https://api.example.test/");
-    request
-        .extensions_mut()
-        .insert(credentials("ik-shop-b", "tok-b"));
+    let request = with_request_credentials(with_stale_headers("https://api.example.test/"));
 
-    let (result, calls) = send(&static_layer(), request).await;
+    let outcome = send(&static_layer(), request).await;
 
-    assert_eq!(result.unwrap(), Seen::pair("ik-shop-b", "tok-b"));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::request_pair());
 }
 
 /// Fires `total` requests at one shared service from many tasks, cycling through the layer's
@@ -538,11 +536,11 @@ where
         let uri = format!("https://navigator-api.tweakwise.com/request/{i}");
         let (request, expected) = match i % 3 {
             0 => (
-                with_credentials(&uri, shop_a.clone()),
+                with_credentials(get(&uri), shop_a.clone()),
                 Seen::pair("ik-shop-a", "tok-shop-a"),
             ),
             1 => (
-                with_credentials(&uri, shop_b.clone()),
+                with_credentials(get(&uri), shop_b.clone()),
                 Seen::pair("ik-shop-b", "tok-shop-b"),
             ),
             _ => (get(&uri), Seen::pair(LAYER_KEY, layer_token)),
@@ -577,64 +575,54 @@ async fn concurrent_requests_for_two_instances_through_cached_layer_never_mix_pa
 
 #[tokio::test]
 async fn request_credentials_to_plain_http_remote_host_are_refused_without_calling_inner() {
-    let request = with_credentials("http://api.example.test/", credentials("ik-b", "tok-b"));
+    let request = with_request_credentials(get("http://api.example.test/"));
 
-    let (result, calls) = send(&static_layer(), request).await;
+    let outcome = send(&static_layer(), request).await;
 
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 }
 
 #[tokio::test]
 async fn request_credentials_on_relative_uri_are_refused_unless_allowed() {
-    let request = with_credentials("/stats/totalproducts", credentials("ik-b", "tok-b"));
-    let (result, calls) = send(&static_layer(), request).await;
-    assert_unknown(result);
-    assert_eq!(calls, 0);
-
-    let layer = static_layer().allow_relative_uris();
-    let request = with_credentials("/stats/totalproducts", credentials("ik-b", "tok-b"));
-    let (result, calls) = send(&layer, request).await;
-    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
-    assert_eq!(calls, 1);
+    for (label, layer, expected) in [
+        ("default layer", static_layer(), Outcome::Unknown),
+        (
+            "allow_relative_uris",
+            static_layer().allow_relative_uris(),
+            Outcome::request_pair(),
+        ),
+    ] {
+        let request = with_request_credentials(get("/stats/totalproducts"));
+        assert_eq!(send(&layer, request).await, expected, "{label}");
+    }
 }
 
 #[tokio::test]
 async fn request_credentials_to_loopback_http_and_https_are_sent() {
-    for uri in ["http://127.0.0.1:8080/", "https://api.example.test/"] {
-        let request = with_credentials(uri, credentials("ik-b", "tok-b"));
-        let (result, calls) = send(&static_layer(), request).await;
-        assert_eq!(result.expect(uri), Seen::pair("ik-b", "tok-b"), "{uri}");
-        assert_eq!(calls, 1, "{uri}");
-    }
+    let requests = ["http://127.0.0.1:8080/", "https://api.example.test/"]
+        .map(|uri| with_request_credentials(get(uri)));
+    assert_all(&static_layer(), requests, Outcome::request_pair()).await;
 }
 
 #[tokio::test]
 async fn request_credentials_to_origin_outside_scope_are_not_sent() {
     let layer = scoped_to_tweakwise(static_layer());
-    let mut request = with_stale_headers("https://other.example.test/");
-    request
-        .extensions_mut()
-        .insert(credentials("ik-b", "tok-b"));
+    let request = with_request_credentials(with_stale_headers("https://other.example.test/"));
 
-    let (result, calls) = send(&layer, request).await;
+    let outcome = send(&layer, request).await;
 
-    assert_eq!(result.unwrap(), Seen::none());
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::stripped());
 }
 
 #[tokio::test]
 async fn request_credentials_to_scoped_origin_are_sent() {
     let layer = scoped_to_tweakwise(static_layer());
-    let request = with_credentials(
-        "https://navigator-api.tweakwise.com/stats/totalproducts",
-        credentials("ik-b", "tok-b"),
-    );
+    let uri = "https://navigator-api.tweakwise.com/stats/totalproducts";
+    let request = with_request_credentials(get(uri));
 
-    let (result, calls) = send(&layer, request).await;
+    let outcome = send(&layer, request).await;
 
-    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::request_pair());
 }
 
 // The same rules for a layer with a token source.
@@ -643,30 +631,22 @@ async fn request_credentials_to_scoped_origin_are_sent() {
 async fn cached_layer_refuses_plain_http_to_remote_host_without_calling_inner() {
     let (layer, _fetches) = cached_layer();
 
-    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+    let outcome = send(&layer, get("http://api.example.test/")).await;
 
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 }
 
 #[tokio::test]
 async fn cached_layer_sends_source_token_to_https_and_loopback_http() {
     let (layer, fetches) = cached_layer();
 
-    for uri in [
+    let uris = [
         "https://api.example.test/",
         "http://127.0.0.1:8080/",
         "http://[::1]:8080/",
         "http://localhost/",
-    ] {
-        let (result, calls) = send(&layer, get(uri)).await;
-        assert_eq!(
-            result.expect(uri),
-            Seen::pair(LAYER_KEY, SOURCE_TOKEN),
-            "{uri}"
-        );
-        assert_eq!(calls, 1, "{uri}");
-    }
+    ];
+    assert_all(&layer, uris.map(get), Outcome::source_pair()).await;
     assert_eq!(fetches.load(Ordering::SeqCst), 1);
 }
 
@@ -675,28 +655,22 @@ async fn cached_layer_with_allow_plain_http_sends_source_token_to_remote_host() 
     let (layer, _fetches) = cached_layer();
     let layer = layer.allow_plain_http();
 
-    let (result, calls) = send(&layer, get("http://api.example.test/")).await;
+    let outcome = send(&layer, get("http://api.example.test/")).await;
 
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, SOURCE_TOKEN));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::source_pair());
 }
 
 #[tokio::test]
 async fn cached_layer_refuses_relative_uri_and_other_schemes_without_calling_inner() {
     let (layer, _fetches) = cached_layer();
-
-    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
-    assert_unknown(result);
-    assert_eq!(calls, 0);
-
-    let (result, calls) = send(&layer, get("ftp://api.example.test/")).await;
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    let outcome = send(&layer, get("/stats/totalproducts")).await;
+    assert_eq!(outcome, Outcome::Unknown);
+    let outcome = send(&layer, get("ftp://api.example.test/")).await;
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 
     let layer = layer.allow_relative_uris();
-    let (result, calls) = send(&layer, get("/stats/totalproducts")).await;
-    assert_eq!(result.unwrap(), Seen::pair(LAYER_KEY, SOURCE_TOKEN));
-    assert_eq!(calls, 1);
+    let outcome = send(&layer, get("/stats/totalproducts")).await;
+    assert_eq!(outcome, Outcome::source_pair());
 }
 
 #[tokio::test]
@@ -704,58 +678,42 @@ async fn scoped_cached_layer_strips_twn_headers_to_other_origin_and_attaches_to_
     let (layer, _fetches) = cached_layer();
     let layer = layer.scope(origin("https://navigator-api.tweakwise.com"));
 
-    let (result, calls) = send(&layer, with_stale_headers("https://other.example.test/")).await;
-    assert_eq!(result.unwrap(), Seen::none());
-    assert_eq!(calls, 1);
+    let other = [
+        "https://other.example.test/",
+        "http://navigator-api.tweakwise.com/stats",
+        "https://navigator-api.tweakwise.com:8443/stats",
+    ];
+    assert_all(&layer, other.map(with_stale_headers), Outcome::stripped()).await;
 
-    for uri in [
+    let ours = [
         "https://navigator-api.tweakwise.com/stats",
         "https://navigator-api.tweakwise.com:443/stats",
         "https://NAVIGATOR-API.TWEAKWISE.COM/stats",
-    ] {
-        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
-        assert_eq!(
-            result.expect(uri),
-            Seen::pair(LAYER_KEY, SOURCE_TOKEN),
-            "{uri}"
-        );
-        assert_eq!(calls, 1, "{uri}");
-    }
-
-    for uri in [
-        "http://navigator-api.tweakwise.com/stats",
-        "https://navigator-api.tweakwise.com:8443/stats",
-    ] {
-        let (result, calls) = send(&layer, with_stale_headers(uri)).await;
-        assert_eq!(result.expect(uri), Seen::none(), "{uri}");
-        assert_eq!(calls, 1, "{uri}");
-    }
+    ];
+    assert_all(&layer, ours.map(with_stale_headers), Outcome::source_pair()).await;
 }
 
 #[tokio::test]
 async fn cached_layer_sends_request_credentials_instead_of_source_token() {
     let (layer, _fetches) = cached_layer();
+    let request = with_request_credentials(get("https://api.example.test/"));
 
-    let request = with_credentials("https://api.example.test/", credentials("ik-b", "tok-b"));
-    let (result, calls) = send(&layer, request).await;
+    let outcome = send(&layer, request).await;
 
-    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
-    assert_eq!(calls, 1);
+    assert_eq!(outcome, Outcome::request_pair());
 }
 
 #[tokio::test]
 async fn cached_layer_request_credentials_obey_scheme_check_and_scope() {
     let (layer, _fetches) = cached_layer();
-    let request = with_credentials("http://api.example.test/", credentials("ik-b", "tok-b"));
-    let (result, calls) = send(&layer, request).await;
-    assert_insecure(result, "api.example.test");
-    assert_eq!(calls, 0);
+    let request = with_request_credentials(get("http://api.example.test/"));
+    let outcome = send(&layer, request).await;
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 
     let layer = layer.scope(origin("https://navigator-api.tweakwise.com"));
-    let request = with_credentials("https://other.example.test/", credentials("ik-b", "tok-b"));
-    let (result, calls) = send(&layer, request).await;
-    assert_eq!(result.unwrap(), Seen::none());
-    assert_eq!(calls, 1);
+    let request = with_request_credentials(get("https://other.example.test/"));
+    let outcome = send(&layer, request).await;
+    assert_eq!(outcome, Outcome::stripped());
 }
 
 /// A source whose fetches never finish, counting how often it was asked.
@@ -775,13 +733,12 @@ fn never_answering_source() -> (impl tower_twn_auth::TokenSource, Arc<AtomicUsiz
 async fn request_credentials_neither_wait_for_nor_call_the_layer_token_source() {
     let (source, fetches) = never_answering_source();
     let layer = TwnAuthLayer::with_token_source(InstanceKey::new(LAYER_KEY).unwrap(), source);
-    let request = with_credentials("https://api.example.test/", credentials("ik-b", "tok-b"));
+    let request = with_request_credentials(get("https://api.example.test/"));
 
     let sent = tokio::time::timeout(Duration::from_secs(60), send(&layer, request)).await;
 
-    let (result, calls) = sent.expect("the request must not wait for the layer's source");
-    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
-    assert_eq!(calls, 1);
+    let outcome = sent.expect("the request must not wait for the layer's source");
+    assert_eq!(outcome, Outcome::request_pair());
     assert_eq!(fetches.load(Ordering::SeqCst), 0);
 }
 
@@ -794,16 +751,10 @@ async fn request_credentials_are_sent_while_the_layer_token_source_fails() {
         async { Err::<Token, BoxError>("secret store unavailable".into()) }
     });
 
-    let request = with_credentials("https://api.example.test/", credentials("ik-b", "tok-b"));
-    let (result, calls) = send(&layer, request).await;
-    assert_eq!(result.unwrap(), Seen::pair("ik-b", "tok-b"));
-    assert_eq!(calls, 1);
+    let request = with_request_credentials(get("https://api.example.test/"));
+    let outcome = send(&layer, request).await;
+    assert_eq!(outcome, Outcome::request_pair(), "with request credentials");
 
-    let (result, calls) = send(&layer, get("https://api.example.test/")).await;
-    let err = result.expect_err("no token for the layer's own pair");
-    assert!(
-        matches!(err.downcast_ref::<Error>(), Some(Error::Fetch { .. })),
-        "{err}"
-    );
-    assert_eq!(calls, 0);
+    let outcome = send(&layer, get("https://api.example.test/")).await;
+    assert_eq!(outcome, Outcome::FetchFailed, "with the layer's own pair");
 }

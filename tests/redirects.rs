@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::header::LOCATION;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -177,85 +177,90 @@ fn auth() -> TwnAuthLayer {
     )
 }
 
-/// The placement the crate docs recommend: `FollowRedirect` (standard policy) outside, the
-/// auth layer inside, scoped to `origin`.
-fn recommended<S, Res>(origin: Origin, inner: S) -> Stack<Res>
-where
-    S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    Res: http_body::Body + Send + 'static,
-{
-    let service = ServiceBuilder::new()
-        .layer(FollowRedirectLayer::new())
-        .layer(auth().scope(origin))
-        .service(inner);
-    BoxCloneService::new(service)
+/// Where the auth layer sits relative to `FollowRedirect`, and which redirect policy that
+/// follows.
+#[derive(Debug, Clone, Copy)]
+enum Placement {
+    /// The placement the crate docs recommend: `FollowRedirect` (standard policy) outside,
+    /// the auth layer inside, scoped to the home origin.
+    Recommended,
+    /// `FollowRedirect` with [`KeepCredentialsOnOrigin`] outside an unscoped auth layer.
+    #[cfg(feature = "tower-http")]
+    KeepCredentialsOutsideAuth,
+    /// An unscoped auth layer outside `FollowRedirect` with [`KeepCredentialsOnOrigin`].
+    #[cfg(feature = "tower-http")]
+    KeepCredentialsInsideAuth,
+    /// A hazard: an unscoped auth layer outside `FollowRedirect` with the standard policy.
+    AuthOutsideStandardPolicy,
+    /// A hazard: `FollowRedirect` with the standard policy outside an unscoped auth layer.
+    UnscopedAuthInsideStandardPolicy,
 }
 
-/// `FollowRedirect` with [`KeepCredentialsOnOrigin`] outside an unscoped auth layer.
-#[cfg(feature = "tower-http")]
-fn policy_outside<S, Res>(auth: TwnAuthLayer, inner: S) -> Stack<Res>
-where
-    S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    Res: http_body::Body + Send + 'static,
-{
-    let service = ServiceBuilder::new()
-        .layer(FollowRedirectLayer::with_policy(
-            KeepCredentialsOnOrigin::default(),
-        ))
-        .layer(auth)
-        .service(inner);
-    BoxCloneService::new(service)
-}
-
-/// An unscoped auth layer outside `FollowRedirect` with [`KeepCredentialsOnOrigin`].
-#[cfg(feature = "tower-http")]
-fn policy_inside<S, Res>(inner: S) -> Stack<Res>
-where
-    S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError> + Send + Sync + 'static,
-    Res: http_body::Body + Send + 'static,
-{
-    let service = ServiceBuilder::new()
-        .layer(auth())
-        .layer(FollowRedirectLayer::with_policy(
-            KeepCredentialsOnOrigin::default(),
-        ))
-        .service(inner);
-    BoxCloneService::new(service)
+impl Placement {
+    /// Builds this placement of `auth` around `inner`. Only the recommended placement uses
+    /// `home`, as the origin it scopes `auth` to; the others leave `auth` unscoped.
+    fn stack<S, Res>(self, auth: TwnAuthLayer, home: Origin, inner: S) -> Stack<Res>
+    where
+        S: Service<Request<Body>, Response = Response<Res>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError> + Send + Sync + 'static,
+        Res: http_body::Body + Send + 'static,
+    {
+        let builder = ServiceBuilder::new();
+        match self {
+            Placement::Recommended => BoxCloneService::new(
+                builder
+                    .layer(FollowRedirectLayer::new())
+                    .layer(auth.scope(home))
+                    .service(inner),
+            ),
+            #[cfg(feature = "tower-http")]
+            Placement::KeepCredentialsOutsideAuth => BoxCloneService::new(
+                builder
+                    .layer(FollowRedirectLayer::with_policy(
+                        KeepCredentialsOnOrigin::default(),
+                    ))
+                    .layer(auth)
+                    .service(inner),
+            ),
+            #[cfg(feature = "tower-http")]
+            Placement::KeepCredentialsInsideAuth => BoxCloneService::new(
+                builder
+                    .layer(auth)
+                    .layer(FollowRedirectLayer::with_policy(
+                        KeepCredentialsOnOrigin::default(),
+                    ))
+                    .service(inner),
+            ),
+            Placement::AuthOutsideStandardPolicy => BoxCloneService::new(
+                builder
+                    .layer(auth)
+                    .layer(FollowRedirectLayer::new())
+                    .service(inner),
+            ),
+            Placement::UnscopedAuthInsideStandardPolicy => BoxCloneService::new(
+                builder
+                    .layer(FollowRedirectLayer::new())
+                    .layer(auth)
+                    .service(inner),
+            ),
+        }
+    }
 }
 
 /// Sends a GET for `uri` and returns the final response's status and effective URI.
-async fn fetch(stack: Stack<Incoming>, uri: &str) -> (StatusCode, String, String) {
+async fn fetch(stack: Stack<Incoming>, uri: &str) -> (StatusCode, String) {
     fetch_request(stack, request(uri)).await
 }
 
-async fn fetch_request(
-    stack: Stack<Incoming>,
-    request: Request<Body>,
-) -> (StatusCode, String, String) {
+async fn fetch_request(stack: Stack<Incoming>, request: Request<Body>) -> (StatusCode, String) {
     let response = stack.oneshot(request).await.expect("request succeeds");
-    let status = response.status();
     let final_uri = response
         .extensions()
         .get::<RequestUri>()
         .map(|uri| uri.0.to_string())
         .unwrap_or_default();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("body")
-        .to_bytes();
-    (
-        status,
-        final_uri,
-        String::from_utf8_lossy(&body).into_owned(),
-    )
+    (response.status(), final_uri)
 }
 
 fn request(uri: &str) -> Request<Body> {
@@ -264,252 +269,178 @@ fn request(uri: &str) -> Request<Body> {
 
 /// Two servers, two origins: `a` redirects `/cross` to `b`'s `/landing`, `/same` to its own
 /// `/landing`, and `/round-trip` to `b`'s `/back`, which redirects to `a`'s `/landing`.
-async fn two_origins() -> (Server, Server) {
+/// Returns them with `placement` built around a client, `a` being the home origin.
+async fn two_origins_behind(placement: Placement) -> (Server, Server, Stack<Incoming>) {
     let (a, b) = (Server::start().await, Server::start().await);
     a.redirect("/cross", &b.url("/landing"));
     a.redirect("/same", "/landing");
     a.redirect("/round-trip", &b.url("/back"));
     b.redirect("/back", &a.url("/landing"));
-    (a, b)
+    let stack = placement.stack(auth(), a.origin(), client());
+    (a, b, stack)
+}
+
+/// Follows `path` on `a` through `placement`, and checks that the trip ends in `200` at the
+/// URL `landing` picks, and that `a` and `b` received exactly `on_a` and `on_b`, in order.
+async fn assert_trip(
+    placement: Placement,
+    path: &str,
+    landing: impl FnOnce(&Server, &Server) -> String,
+    on_a: &[Hit],
+    on_b: &[Hit],
+) {
+    let (a, b, stack) = two_origins_behind(placement).await;
+
+    let (status, final_uri) = fetch(stack, &a.url(path)).await;
+
+    assert_eq!(status, StatusCode::OK, "{placement:?}");
+    assert_eq!(final_uri, landing(&a, &b), "{placement:?}");
+    assert_eq!(a.hits(), on_a, "{placement:?}");
+    assert_eq!(b.hits(), on_b, "{placement:?}");
+}
+
+/// `a`'s `/cross` redirects to `b`'s `/landing`: `a` gets both headers, `b` gets `on_b`.
+async fn assert_cross_origin_hop(placement: Placement, on_b: Twn) {
+    assert_trip(
+        placement,
+        "/cross",
+        |_, b| b.url("/landing"),
+        &[hit("/cross", Twn::both())],
+        &[hit("/landing", on_b)],
+    )
+    .await;
+}
+
+/// `a`'s `/same` redirects to its own `/landing`: both hops get both headers, `b` nothing.
+async fn assert_same_origin_hop_keeps_twn_headers(placement: Placement) {
+    assert_trip(
+        placement,
+        "/same",
+        |a, _| a.url("/landing"),
+        &[hit("/same", Twn::both()), hit("/landing", Twn::both())],
+        &[],
+    )
+    .await;
+}
+
+/// `a`'s `/round-trip` goes through `b`'s `/back` to `a`'s `/landing`: the first hop gets
+/// both headers, `b` none, and the return to `a` gets `on_return`.
+async fn assert_round_trip(placement: Placement, on_return: Twn) {
+    assert_trip(
+        placement,
+        "/round-trip",
+        |a, _| a.url("/landing"),
+        &[hit("/round-trip", Twn::both()), hit("/landing", on_return)],
+        &[hit("/back", Twn::none())],
+    )
+    .await;
+}
+
+/// Sends shop B's credentials on requests to `a`'s `/same` and `/cross`: they reach every hop
+/// on `a`, and the hop to `b` gets no TWN header at all.
+async fn assert_request_credentials_stay_on_their_origin(placement: Placement) {
+    let (a, b, stack) = two_origins_behind(placement).await;
+    let shop_b = TwnCredentials::new(
+        InstanceKey::new("ik-shop-b").unwrap(),
+        AccessToken::new("tok-shop-b").unwrap(),
+    );
+
+    for path in ["/same", "/cross"] {
+        let mut request = request(&a.url(path));
+        request.extensions_mut().insert(shop_b.clone());
+        let (status, _) = fetch_request(stack.clone(), request).await;
+        assert_eq!(status, StatusCode::OK, "{placement:?} {path}");
+    }
+
+    let shop = Twn::pair("ik-shop-b", "tok-shop-b");
+    assert_eq!(
+        a.hits(),
+        [
+            hit("/same", shop.clone()),
+            hit("/landing", shop.clone()),
+            hit("/cross", shop),
+        ],
+        "{placement:?}"
+    );
+    assert_eq!(b.hits(), [hit("/landing", Twn::none())], "{placement:?}");
 }
 
 // The recommended placement: FollowRedirect outside, scoped auth inside.
 
 #[tokio::test]
 async fn recommended_placement_sends_cross_origin_302_hop_without_twn_headers() {
-    let (a, b) = two_origins().await;
-    let stack = recommended(a.origin(), client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, b.url("/landing"));
-    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
-    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+    assert_cross_origin_hop(Placement::Recommended, Twn::none()).await;
 }
 
 #[tokio::test]
 async fn recommended_placement_keeps_twn_headers_on_same_origin_302_hop() {
-    let (a, b) = two_origins().await;
-    let stack = recommended(a.origin(), client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/same")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, a.url("/landing"));
-    assert_eq!(
-        a.hits(),
-        [hit("/same", Twn::both()), hit("/landing", Twn::both())]
-    );
-    assert_eq!(b.hits(), []);
+    assert_same_origin_hop_keeps_twn_headers(Placement::Recommended).await;
 }
 
 #[tokio::test]
 async fn recommended_placement_authenticates_only_the_hops_on_the_scoped_origin() {
-    let (a, b) = two_origins().await;
-    let stack = recommended(a.origin(), client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/round-trip")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, a.url("/landing"));
-    assert_eq!(
-        a.hits(),
-        [
-            hit("/round-trip", Twn::both()),
-            hit("/landing", Twn::both())
-        ]
-    );
-    assert_eq!(b.hits(), [hit("/back", Twn::none())]);
+    assert_round_trip(Placement::Recommended, Twn::both()).await;
 }
 
 #[tokio::test]
 async fn recommended_placement_keeps_request_credentials_on_their_origin() {
-    let (a, b) = two_origins().await;
-    let stack = recommended(a.origin(), client());
-    let shop_b = TwnCredentials::new(
-        InstanceKey::new("ik-shop-b").unwrap(),
-        AccessToken::new("tok-shop-b").unwrap(),
-    );
+    assert_request_credentials_stay_on_their_origin(Placement::Recommended).await;
+}
 
-    for path in ["/same", "/cross"] {
-        let mut request = request(&a.url(path));
-        request.extensions_mut().insert(shop_b.clone());
-        let (status, _, _) = fetch_request(stack.clone(), request).await;
-        assert_eq!(status, StatusCode::OK);
+// The crate's policy, in both placements: the tests that loop over
+// `KEEP_CREDENTIALS_PLACEMENTS` name the placement in their failure messages.
+
+#[cfg(feature = "tower-http")]
+const KEEP_CREDENTIALS_PLACEMENTS: [Placement; 2] = [
+    Placement::KeepCredentialsOutsideAuth,
+    Placement::KeepCredentialsInsideAuth,
+];
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_sends_cross_origin_302_hop_without_twn_headers() {
+    for placement in KEEP_CREDENTIALS_PLACEMENTS {
+        assert_cross_origin_hop(placement, Twn::none()).await;
     }
-
-    let shop = Twn::pair("ik-shop-b", "tok-shop-b");
-    assert_eq!(
-        a.hits(),
-        [
-            hit("/same", shop.clone()),
-            hit("/landing", shop.clone()),
-            hit("/cross", shop),
-        ]
-    );
-    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
-}
-
-// The crate's policy, in both placements.
-
-#[cfg(feature = "tower-http")]
-#[tokio::test]
-async fn keep_credentials_policy_outside_auth_sends_cross_origin_302_hop_without_twn_headers() {
-    let (a, b) = two_origins().await;
-    let stack = policy_outside(auth(), client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, b.url("/landing"));
-    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
-    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
 }
 
 #[cfg(feature = "tower-http")]
 #[tokio::test]
-async fn keep_credentials_policy_outside_auth_keeps_twn_headers_on_same_origin_302_hop() {
-    let (a, b) = two_origins().await;
-    let stack = policy_outside(auth(), client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/same")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, a.url("/landing"));
-    assert_eq!(
-        a.hits(),
-        [hit("/same", Twn::both()), hit("/landing", Twn::both())]
-    );
-    assert_eq!(b.hits(), []);
-}
-
-#[cfg(feature = "tower-http")]
-#[tokio::test]
-async fn keep_credentials_policy_inside_auth_sends_cross_origin_302_hop_without_twn_headers() {
-    let (a, b) = two_origins().await;
-    let stack = policy_inside(client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, b.url("/landing"));
-    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
-    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
-}
-
-#[cfg(feature = "tower-http")]
-#[tokio::test]
-async fn keep_credentials_policy_inside_auth_keeps_twn_headers_on_same_origin_302_hop() {
-    let (a, b) = two_origins().await;
-    let stack = policy_inside(client());
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/same")).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, a.url("/landing"));
-    assert_eq!(
-        a.hits(),
-        [hit("/same", Twn::both()), hit("/landing", Twn::both())]
-    );
-    assert_eq!(b.hits(), []);
+async fn keep_credentials_policy_keeps_twn_headers_on_same_origin_302_hop() {
+    for placement in KEEP_CREDENTIALS_PLACEMENTS {
+        assert_same_origin_hop_keeps_twn_headers(placement).await;
+    }
 }
 
 #[cfg(feature = "tower-http")]
 #[tokio::test]
 async fn keep_credentials_policy_does_not_restore_twn_headers_on_return_to_first_origin() {
-    for placement in ["outside", "inside"] {
-        let (a, b) = two_origins().await;
-        let stack = match placement {
-            "outside" => policy_outside(auth(), client()),
-            _ => policy_inside(client()),
-        };
-
-        let (status, final_uri, _) = fetch(stack, &a.url("/round-trip")).await;
-
-        assert_eq!(status, StatusCode::OK, "{placement}");
-        assert_eq!(final_uri, a.url("/landing"), "{placement}");
-        assert_eq!(
-            a.hits(),
-            [
-                hit("/round-trip", Twn::both()),
-                hit("/landing", Twn::none())
-            ],
-            "{placement}"
-        );
-        assert_eq!(b.hits(), [hit("/back", Twn::none())], "{placement}");
+    for placement in KEEP_CREDENTIALS_PLACEMENTS {
+        assert_round_trip(placement, Twn::none()).await;
     }
 }
 
 #[cfg(feature = "tower-http")]
 #[tokio::test]
 async fn keep_credentials_policy_outside_auth_drops_request_credentials_on_cross_origin_hop() {
-    let (a, b) = two_origins().await;
-    let stack = policy_outside(auth(), client());
-    let shop_b = TwnCredentials::new(
-        InstanceKey::new("ik-shop-b").unwrap(),
-        AccessToken::new("tok-shop-b").unwrap(),
-    );
-
-    for path in ["/same", "/cross"] {
-        let mut request = request(&a.url(path));
-        request.extensions_mut().insert(shop_b.clone());
-        let (status, _, _) = fetch_request(stack.clone(), request).await;
-        assert_eq!(status, StatusCode::OK);
-    }
-
-    let shop = Twn::pair("ik-shop-b", "tok-shop-b");
-    assert_eq!(
-        a.hits(),
-        [
-            hit("/same", shop.clone()),
-            hit("/landing", shop.clone()),
-            hit("/cross", shop),
-        ]
-    );
-    assert_eq!(b.hits(), [hit("/landing", Twn::none())]);
+    assert_request_credentials_stay_on_their_origin(Placement::KeepCredentialsOutsideAuth).await;
 }
 
 // The hazards the docs warn about.
 
 #[tokio::test]
 async fn standard_policy_alone_forwards_twn_headers_cross_origin_when_auth_is_outside() {
-    let (a, b) = two_origins().await;
-    let stack = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(auth())
-            .layer(FollowRedirectLayer::new())
-            .service(client()),
-    );
-
-    let (status, final_uri, _) = fetch(stack, &a.url("/cross")).await;
-
     // tower-http's standard policy removes `Authorization` and `Cookie`, not the TWN
     // headers: the credentials reach the other origin. This is why the docs recommend a
     // scoped auth layer inside `FollowRedirect`, or `KeepCredentialsOnOrigin`.
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(final_uri, b.url("/landing"));
-    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
-    assert_eq!(b.hits(), [hit("/landing", Twn::both())]);
+    assert_cross_origin_hop(Placement::AuthOutsideStandardPolicy, Twn::both()).await;
 }
 
 #[tokio::test]
 async fn standard_policy_with_unscoped_auth_inside_authenticates_the_cross_origin_hop() {
-    let (a, b) = two_origins().await;
-    let stack = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(FollowRedirectLayer::new())
-            .layer(auth())
-            .service(client()),
-    );
-
-    let (status, _, _) = fetch(stack, &a.url("/cross")).await;
-
     // Without a scope the layer cannot tell the hop from a request meant for `b`, and
     // authenticates it: this is why the recommended placement needs the scope.
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(a.hits(), [hit("/cross", Twn::both())]);
-    assert_eq!(b.hits(), [hit("/landing", Twn::both())]);
+    assert_cross_origin_hop(Placement::UnscopedAuthInsideStandardPolicy, Twn::both()).await;
 }
 
 // HTTPS to HTTP on the same host, over a mock client.
@@ -572,25 +503,47 @@ async fn status_of(stack: Stack<Body>, uri: &str) -> Result<StatusCode, BoxError
         .map(|response| response.status())
 }
 
-#[cfg(feature = "tower-http")]
-#[tokio::test]
-async fn keep_credentials_policy_inside_auth_drops_twn_headers_on_https_to_http_downgrade() {
+/// Sends a GET for `https://{host}/stats` through `placement` of `auth` over a fresh
+/// [`Downgrader`], with `https://{host}` as the home origin; returns the final status and
+/// the mock.
+async fn downgrade(
+    placement: Placement,
+    auth: TwnAuthLayer,
+    host: &str,
+) -> (Result<StatusCode, BoxError>, Downgrader) {
     let mock = Downgrader::default();
-    let stack = policy_inside(mock.service());
+    let home = Origin::new(&format!("https://{host}")).expect("valid origin");
+    let stack = placement.stack(auth, home, mock.service());
+    let status = status_of(stack, &format!("https://{host}/stats")).await;
+    (status, mock)
+}
 
-    let status = status_of(stack, "https://api.example.test/stats")
-        .await
-        .unwrap();
+/// Checks that the downgrade of `https://{host}/stats` ends in `200` after exactly two hops:
+/// the https one with both headers, the plain http one with `on_http`.
+async fn assert_downgrade(placement: Placement, auth: TwnAuthLayer, host: &str, on_http: Twn) {
+    let (status, mock) = downgrade(placement, auth, host).await;
 
-    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        status.expect("request succeeds"),
+        StatusCode::OK,
+        "{placement:?}"
+    );
     assert_eq!(
         mock.hits(),
         [
-            hop("https://api.example.test/stats", Twn::both()),
-            hop("http://api.example.test/stats", Twn::none()),
-        ]
+            hop(&format!("https://{host}/stats"), Twn::both()),
+            hop(&format!("http://{host}/stats"), on_http),
+        ],
+        "{placement:?}"
     );
-    assert_eq!(mock.calls(), 2);
+    assert_eq!(mock.calls(), 2, "{placement:?}");
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn keep_credentials_policy_inside_auth_drops_twn_headers_on_https_to_http_downgrade() {
+    let placement = Placement::KeepCredentialsInsideAuth;
+    assert_downgrade(placement, auth(), "api.example.test", Twn::none()).await;
 }
 
 #[cfg(feature = "tower-http")]
@@ -598,77 +551,31 @@ async fn keep_credentials_policy_inside_auth_drops_twn_headers_on_https_to_http_
 async fn keep_credentials_policy_outside_auth_drops_twn_headers_on_https_to_http_downgrade() {
     // Loopback, so that the scheme check lets the plain http hop through and only the
     // policy can keep the headers off it.
-    let mock = Downgrader::default();
-    let stack = policy_outside(auth(), mock.service());
-
-    let status = status_of(stack, "https://127.0.0.1/stats").await.unwrap();
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        mock.hits(),
-        [
-            hop("https://127.0.0.1/stats", Twn::both()),
-            hop("http://127.0.0.1/stats", Twn::none()),
-        ]
-    );
-    assert_eq!(mock.calls(), 2);
+    let placement = Placement::KeepCredentialsOutsideAuth;
+    assert_downgrade(placement, auth(), "127.0.0.1", Twn::none()).await;
 }
 
 #[cfg(feature = "tower-http")]
 #[tokio::test]
 async fn keep_credentials_policy_outside_auth_with_plain_http_allowed_drops_downgrade_headers() {
-    let mock = Downgrader::default();
-    let stack = policy_outside(auth().allow_plain_http(), mock.service());
-
-    let status = status_of(stack, "https://api.example.test/stats")
-        .await
-        .unwrap();
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        mock.hits(),
-        [
-            hop("https://api.example.test/stats", Twn::both()),
-            hop("http://api.example.test/stats", Twn::none()),
-        ]
-    );
+    let placement = Placement::KeepCredentialsOutsideAuth;
+    let auth = auth().allow_plain_http();
+    assert_downgrade(placement, auth, "api.example.test", Twn::none()).await;
 }
 
 #[tokio::test]
 async fn recommended_placement_drops_twn_headers_on_https_to_http_downgrade() {
-    let mock = Downgrader::default();
-    let origin = Origin::new("https://api.example.test").unwrap();
-    let stack = recommended(origin, mock.service());
-
-    let status = status_of(stack, "https://api.example.test/stats")
-        .await
-        .unwrap();
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        mock.hits(),
-        [
-            hop("https://api.example.test/stats", Twn::both()),
-            hop("http://api.example.test/stats", Twn::none()),
-        ]
-    );
-    assert_eq!(mock.calls(), 2);
+    let placement = Placement::Recommended;
+    assert_downgrade(placement, auth(), "api.example.test", Twn::none()).await;
 }
 
 #[tokio::test]
 async fn unscoped_auth_inside_follow_redirect_refuses_downgrade_hop_to_remote_plain_http() {
-    let mock = Downgrader::default();
-    let stack = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(FollowRedirectLayer::new())
-            .layer(auth())
-            .service(mock.service()),
-    );
+    let placement = Placement::UnscopedAuthInsideStandardPolicy;
 
-    let err = status_of(stack, "https://api.example.test/stats")
-        .await
-        .expect_err("the plain http hop must be refused");
+    let (status, mock) = downgrade(placement, auth(), "api.example.test").await;
 
+    let err = status.expect_err("the plain http hop must be refused");
     match err.downcast_ref::<Error>() {
         Some(Error::InsecureDestination { host, .. }) => assert_eq!(host, "api.example.test"),
         other => panic!("expected InsecureDestination, got {other:?} ({err})"),
@@ -683,25 +590,7 @@ async fn unscoped_auth_inside_follow_redirect_refuses_downgrade_hop_to_remote_pl
 #[tokio::test]
 async fn standard_policy_alone_forwards_twn_headers_on_https_to_http_downgrade_when_auth_is_outside(
 ) {
-    let mock = Downgrader::default();
-    let stack = BoxCloneService::new(
-        ServiceBuilder::new()
-            .layer(auth())
-            .layer(FollowRedirectLayer::new())
-            .service(mock.service()),
-    );
-
-    let status = status_of(stack, "https://api.example.test/stats")
-        .await
-        .unwrap();
-
     // The hazard again: the credentials go out in clear text on the downgraded hop.
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        mock.hits(),
-        [
-            hop("https://api.example.test/stats", Twn::both()),
-            hop("http://api.example.test/stats", Twn::both()),
-        ]
-    );
+    let placement = Placement::AuthOutsideStandardPolicy;
+    assert_downgrade(placement, auth(), "api.example.test", Twn::both()).await;
 }
