@@ -67,6 +67,7 @@ pub(crate) struct CacheOptions {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) backoff_jitter: f64,
+    pub(crate) fetch_timeout: Duration,
     pub(crate) reject_statuses: Option<Arc<[StatusCode]>>,
 }
 
@@ -78,6 +79,7 @@ impl Default for CacheOptions {
             backoff_min: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             backoff_jitter: 0.5,
+            fetch_timeout: Duration::from_secs(30),
             reject_statuses: None,
         }
     }
@@ -298,14 +300,17 @@ impl Cache {
     /// token that is itself rejected before it ever worked is kept until its hold time has
     /// passed (the backoff), so a server that refuses every token does not make the cache
     /// fetch for every request.
-    pub(crate) fn invalidate(self: &Arc<Self>, rejected: u64) {
+    ///
+    /// Returns whether a request sent now would carry another token than the rejected one.
+    pub(crate) fn invalidate(self: &Arc<Self>, rejected: u64) -> bool {
         let now = Instant::now();
         let mut slot = self.lock();
         let Some(entry) = slot.current.as_ref() else {
-            return;
+            // Already dropped: the next request waits for the fetch that replaces it.
+            return true;
         };
         if entry.snapshot.generation != rejected {
-            return;
+            return true;
         }
 
         let worked = self.confirmed.load(Ordering::Acquire) >= rejected;
@@ -315,7 +320,7 @@ impl Cache {
                 source = %self.name,
                 "replacement token rejected too; keeping it until the backoff has passed"
             );
-            return;
+            return false;
         }
         if worked || !replacement {
             slot.rejections = None;
@@ -336,6 +341,7 @@ impl Cache {
                 tracing::debug!(source = %self.name, %error, "cannot start a fetch");
             }
         }
+        true
     }
 
     /// Notes that the token of `generation` got a response that was not a rejection.
@@ -366,13 +372,20 @@ impl Cache {
     }
 
     async fn fetch(self: Arc<Self>) {
+        let started = Instant::now();
         let mut guard = FetchGuard {
             cache: &self,
+            started,
             finished: false,
         };
         tracing::debug!(source = %self.name, "token fetch started");
-        let started = Instant::now();
-        let result = self.source.fetch_boxed().await;
+        let timeout = self.options.fetch_timeout;
+        // A source that never answers must not keep every later request waiting: past the
+        // timeout, the fetch counts as failed and the backoff applies.
+        let result = match tokio::time::timeout(timeout, self.source.fetch_boxed()).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
+        };
         self.complete(result, started);
         guard.finished = true;
     }
@@ -385,6 +398,12 @@ impl Cache {
         let waiters = slot.flight.take().unwrap_or_default();
         let hold_until = slot.next_hold.take();
 
+        let result = result.and_then(|token| match token.expires_at {
+            Some(expires_at) if expires_at <= now => {
+                Err("the token source returned a token that had already expired".into())
+            }
+            _ => Ok(token),
+        });
         let outcome = match result {
             Ok(token) => {
                 slot.failures = None;
@@ -408,7 +427,8 @@ impl Cache {
                     self.arm(&mut slot, now);
                 } else {
                     // Cached, it would make every request fetch again at once; the waiters
-                    // get it, since it has not expired yet, and the next request fetches.
+                    // get it, since it has not expired yet (checked above), and the next
+                    // request fetches.
                     tracing::debug!(
                         source = %self.name,
                         fetch_ms,
@@ -582,7 +602,12 @@ impl Cache {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    tracing::trace!(source = %self.name, token.generation = generation, to, "token phase");
+                    tracing::trace!(
+                        source = %self.name,
+                        token.generation = generation,
+                        to,
+                        "token phase"
+                    );
                     return to != UNUSABLE;
                 }
                 Err(now_seen) => seen = now_seen,
@@ -641,19 +666,30 @@ impl Backoff {
 
 /// Returns when the next attempt may start, counting one more failure in `state`.
 fn next_attempt(state: &mut Option<Backoff>, options: &CacheOptions, now: Instant) -> Instant {
+    const FAR: Duration = Duration::from_secs(60 * 60 * 24 * 365);
     let delay = state.get_or_insert_with(Backoff::new).next_delay(options);
-    now.checked_add(delay).unwrap_or(now)
+    now.checked_add(delay)
+        .or_else(|| now.checked_add(FAR))
+        .unwrap_or(now)
 }
 
 /// Runs when the fetch task is dropped, finished or not.
 struct FetchGuard<'a> {
-    cache: &'a Cache,
+    cache: &'a Arc<Cache>,
+    started: Instant,
     finished: bool,
 }
 
 impl Drop for FetchGuard<'_> {
     fn drop(&mut self) {
-        if !self.finished {
+        if self.finished {
+            return;
+        }
+        if std::thread::panicking() {
+            // The source panicked: a failure like any other, so that it is backed off.
+            let cause = "the token source panicked".into();
+            self.cache.complete(Err(cause), self.started);
+        } else {
             self.cache.abandon();
         }
     }

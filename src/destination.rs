@@ -65,6 +65,9 @@ impl Origin {
     /// ```
     pub fn new(uri: &str) -> Result<Self, InvalidOrigin> {
         let invalid = |reason| InvalidOrigin { reason };
+        if uri.contains('#') {
+            return Err(invalid("a fragment is not part of an origin"));
+        }
         let uri: Uri = uri.parse().map_err(|_| invalid("not a URI"))?;
         let https = match uri.scheme() {
             Some(scheme) if *scheme == Scheme::HTTPS => true,
@@ -82,8 +85,14 @@ impl Origin {
         if host.is_empty() {
             return Err(invalid("no host"));
         }
+        let port = match authority.as_str()[host.len()..].strip_prefix(':') {
+            None => default_port(https),
+            Some(port) => match port.parse::<u16>() {
+                Ok(port) if port != 0 => port,
+                _ => return Err(invalid("the port must be a number from 1 to 65535")),
+            },
+        };
         let host = host.to_ascii_lowercase();
-        let port = authority.port_u16().unwrap_or(default_port(https));
         let mut authorities = vec![format!("{host}:{port}").into_boxed_str()];
         if port == default_port(https) {
             authorities.push(host.clone().into_boxed_str());
@@ -200,7 +209,16 @@ impl Destinations {
             None => return Verdict::Unknown,
         };
         if https && self.scope.is_none() {
-            return Verdict::Attach;
+            // Only the host's presence is left to check; `Uri` allows an empty one.
+            return match uri.authority().map(|authority| authority.as_str()) {
+                Some(authority) if !authority.is_empty() && !authority.starts_with(':') => {
+                    if authority.contains('@') && uri.host().is_none_or(str::is_empty) {
+                        return Verdict::Unknown;
+                    }
+                    Verdict::Attach
+                }
+                _ => Verdict::Unknown,
+            };
         }
 
         if let Some(scope) = &self.scope {
@@ -213,8 +231,8 @@ impl Destinations {
         }
         match uri.host() {
             Some(host) if is_loopback(host) => Verdict::Attach,
-            Some(_) => Verdict::Insecure,
-            None => Verdict::Unknown,
+            Some(host) if !host.is_empty() => Verdict::Insecure,
+            _ => Verdict::Unknown,
         }
     }
 }

@@ -292,7 +292,7 @@ impl fmt::Display for Error {
         match self {
             Error::InsecureDestination { host } => write!(
                 f,
-                "refusing to send Tweakwise credentials over plain http to {host}"
+                "refusing to send Tweakwise credentials to {host} without https"
             ),
             Error::UnknownDestination => f.write_str(
                 "refusing to send Tweakwise credentials to a request with no scheme or host",
@@ -302,7 +302,7 @@ impl fmt::Display for Error {
                 cause,
                 retry_in,
             } => {
-                write!(f, "token source {source_name} failed: {cause}")?;
+                write!(f, "{source_name} failed: {cause}")?;
                 if let Some(delay) = retry_in {
                     write!(f, " (next attempt in {} ms)", delay.as_millis())?;
                 }
@@ -310,7 +310,7 @@ impl fmt::Display for Error {
             }
             Error::FetchAbandoned { source_name } => write!(
                 f,
-                "token source {source_name}: the fetch was abandoned when its runtime shut down"
+                "{source_name}: the fetch was abandoned when its runtime shut down"
             ),
             Error::NoRuntime => {
                 f.write_str("fetching a token needs a Tokio runtime, and none is running")

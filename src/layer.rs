@@ -223,6 +223,16 @@ impl TwnAuthLayer<CachedToken> {
         })
     }
 
+    /// Sets how long a fetch may take before it counts as failed. Defaults to 30 s.
+    ///
+    /// A source that never answers (a hung network mount, a secret store that accepts the
+    /// connection and says nothing) would otherwise keep every request that needs a token
+    /// waiting; past the timeout they get [`Error::Fetch`](crate::Error::Fetch) and the
+    /// source is backed off like any failing one.
+    pub fn fetch_timeout(self, timeout: Duration) -> Self {
+        self.with_options(|options| options.fetch_timeout = timeout)
+    }
+
     /// Turns on rotation detection: a `401 Unauthorized` response drops the token the
     /// request carried, so that the next request uses a freshly fetched one.
     ///
@@ -262,7 +272,9 @@ impl TwnAuthLayer<CachedToken> {
     /// use tower::ServiceBuilder;
     /// use tower_twn_auth::{FileSource, InstanceKey, TwnAuthLayer};
     ///
-    /// # fn client() -> tower::util::BoxCloneService<http::Request<String>, http::Response<()>, tower::BoxError> { unimplemented!() }
+    /// # type Client = tower::util::BoxCloneService<
+    /// #     http::Request<String>, http::Response<()>, tower::BoxError>;
+    /// # fn client() -> Client { unimplemented!() }
     /// let auth = TwnAuthLayer::with_token_source(
     ///     InstanceKey::new("3f8c1a2b")?,
     ///     FileSource::new("/run/secrets/twn-token"),

@@ -26,6 +26,8 @@ use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{Either, Empty, Full};
 use tower::retry::Policy;
 
+use crate::future::Replaceable;
+
 /// A request body that may be sent again.
 ///
 /// ```
@@ -94,11 +96,16 @@ impl<D, E> ReplayBody for UnsyncBoxBody<D, E> {
     }
 }
 
-/// Retry policy that sends a request once more after a rejection status.
+/// Retry policy that sends a request once more after its token was rejected.
 ///
-/// Made by [`TwnAuthLayer::retry_layer`](crate::TwnAuthLayer::retry_layer). Each request is
-/// retried at most once: if the second attempt is rejected too, the caller gets that second
-/// response as the server sent it. Errors of the inner service are not retried.
+/// Made by [`TwnAuthLayer::retry_layer`](crate::TwnAuthLayer::retry_layer). A request is
+/// retried only when the layer attached its own token, the response has one of the
+/// rejection statuses, and rotation detection has dropped that token, so that the retry
+/// carries another one; requests outside the scope, with their own
+/// [`TwnCredentials`](crate::TwnCredentials), or through a layer without
+/// [`detect_rotation`](crate::TwnAuthLayer::detect_rotation) are never retried. Each request
+/// is retried at most once: if the second attempt is rejected too, the caller gets that
+/// second response as the server sent it. Errors of the inner service are not retried.
 #[derive(Clone, Debug)]
 pub struct RetryRejected {
     statuses: Arc<[StatusCode]>,
@@ -133,8 +140,13 @@ where
         _request: &mut Request<B>,
         result: &mut Result<Response<ResB>, E>,
     ) -> Option<Self::Future> {
-        let status = result.as_ref().ok()?.status();
-        if self.retried || !self.statuses.contains(&status) {
+        let response = result.as_mut().ok()?;
+        // Set only on a response that rejected the layer's own token, once that token is
+        // gone: a request the layer did not authenticate, or one whose token the cache keeps,
+        // would only be rejected again.
+        let replaceable = response.extensions_mut().remove::<Replaceable>().is_some();
+        let status = response.status();
+        if self.retried || !replaceable || !self.statuses.contains(&status) {
             return None;
         }
         self.retried = true;

@@ -113,25 +113,35 @@ impl<S, P> TwnAuth<S, P> {
         }
 
         match verdict {
+            // A redirect took the request away from its origin: whatever the destination, it
+            // goes without credentials, so there is nothing to refuse.
+            _ if left_origin => {
+                strip(request.headers_mut());
+                Route::Send
+            }
             Verdict::Insecure | Verdict::Unknown => match verdict.refusal(request.uri()) {
                 Some(error) => Route::Refuse(error),
                 None => Route::Send,
             },
-            Verdict::Attach if !left_origin => match own {
+            Verdict::Attach => match own {
                 Some((key, token)) => {
                     attach(request.headers_mut(), key, token);
                     Route::Send
                 }
                 None => Route::Attach,
             },
-            Verdict::Strip | Verdict::Attach => {
-                let headers = request.headers_mut();
-                headers.remove(TWN_INSTANCEKEY);
-                headers.remove(TWN_AUTHENTICATION);
+            Verdict::Strip => {
+                strip(request.headers_mut());
                 Route::Send
             }
         }
     }
+}
+
+/// Removes both headers, whatever put them there.
+fn strip(headers: &mut HeaderMap) {
+    headers.remove(TWN_INSTANCEKEY);
+    headers.remove(TWN_AUTHENTICATION);
 }
 
 /// Sets both headers; `insert` replaces every value already there, so each leaves once.

@@ -545,7 +545,7 @@ async fn invalid_token_from_source_is_an_error_never_a_header() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn panicking_source_fails_waiters_and_next_request_fetches_again() {
+async fn panicking_source_is_a_failure_backed_off_like_any_other() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&calls);
     let source = move || {
@@ -557,18 +557,100 @@ async fn panicking_source_fails_waiters_and_next_request_fetches_again() {
             Ok(token("tok-after-panic"))
         }
     };
-    let layer = TwnAuthLayer::with_token_source(key(), source);
+    let layer = TwnAuthLayer::with_token_source(key(), source)
+        .backoff(Duration::from_secs(2), Duration::from_secs(2));
     let seen = Seen::default();
     let service = service(&layer, &seen);
 
     let error = send(&service).await.unwrap_err();
-    assert!(matches!(
-        error.downcast_ref::<Error>(),
-        Some(Error::FetchAbandoned { .. })
-    ));
+    let error = error
+        .downcast_ref::<Error>()
+        .expect("a tower_twn_auth::Error");
+    assert!(matches!(error, Error::Fetch { .. }), "{error:?}");
+    assert!(error.to_string().contains("panicked"), "{error}");
+
+    // Twenty requests during the backoff fail at once and ask the source nothing.
+    for _ in 0..20 {
+        assert!(send(&service).await.is_err());
+    }
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+
+    advance(Duration::from_secs(2)).await;
     send(&service).await.unwrap();
     assert_eq!(seen.all(), ["tok-after-panic"]);
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn hanging_source_times_out_and_is_backed_off_instead_of_wedging_requests() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(token(&format!("tok-{}", n + 1)).valid_for(Duration::from_secs(60)))
+        }
+    };
+    let layer = TwnAuthLayer::with_token_source(key(), source)
+        .fetch_timeout(Duration::from_secs(5))
+        .backoff(Duration::from_secs(2), Duration::from_secs(2));
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+    send(&service).await.unwrap();
+
+    // Past expiry the second fetch hangs: the request waiting for it fails at the timeout.
+    advance(Duration::from_secs(60)).await;
+    let before = Instant::now();
+    let error = send(&service).await.unwrap_err();
+    assert_eq!(Instant::now() - before, Duration::from_secs(5));
+    assert!(
+        error.to_string().contains("no token within 5000 ms"),
+        "{error}"
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    advance(Duration::from_secs(2)).await;
+    send(&service).await.unwrap();
+    assert_eq!(seen.all(), ["tok-1", "tok-3"]);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn source_returning_expired_token_fails_instead_of_sending_it() {
+    let source = Script::new(vec![
+        Ok(token("tok-expired").valid_for(Duration::ZERO)),
+        Ok(token("tok-good")),
+    ]);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .backoff(Duration::from_secs(1), Duration::from_secs(1));
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+
+    let error = send(&service).await.unwrap_err();
+    assert!(error.to_string().contains("already expired"), "{error}");
+    assert!(seen.all().is_empty(), "an expired token was sent");
+
+    advance(Duration::from_secs(1)).await;
+    send(&service).await.unwrap();
+    assert_eq!(seen.all(), ["tok-good"]);
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn backoff_too_long_to_represent_still_leaves_failing_source_alone() {
+    let source = Script::new(vec![Err("down")]);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .backoff(Duration::MAX, Duration::MAX);
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+
+    for _ in 0..10 {
+        assert!(send(&service).await.is_err());
+    }
+    assert_eq!(source.fetches(), 1);
 }
 
 /// Counts the reads of a [`FileSource`].

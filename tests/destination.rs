@@ -471,6 +471,12 @@ fn origin_rejects_paths_queries_user_info_and_other_schemes() {
         "api.example.test",
         "/relative",
         "",
+        "https://api.example.test:65536",
+        "https://api.example.test:99999",
+        "https://api.example.test:0",
+        "https://api.example.test:",
+        "https://api.example.test#fragment",
+        "https://:443",
     ] {
         assert!(Origin::new(uri).is_err(), "{uri}");
     }
@@ -482,6 +488,17 @@ fn origin_rejects_paths_queries_user_info_and_other_schemes() {
         origin("http://127.0.0.1").to_string(),
         "http://127.0.0.1:80"
     );
+}
+
+#[tokio::test]
+async fn request_with_empty_host_is_refused_as_unknown_destination() {
+    for uri in ["https://:443/stats", "http://:80/stats"] {
+        assert_eq!(
+            send(&static_layer(), get(uri)).await,
+            Outcome::Unknown,
+            "{uri}"
+        );
+    }
 }
 
 // Per-request credentials.

@@ -94,7 +94,11 @@ impl Backend {
             async move {
                 let (parts, body) = request.into_parts();
                 let body = body.collect().await.map_err(Into::into)?.to_bytes();
-                let token = parts.headers["twn-authentication"].to_str()?.to_owned();
+                // A request without the header is recorded with an empty token.
+                let token = match parts.headers.get("twn-authentication") {
+                    Some(value) => value.to_str()?.to_owned(),
+                    None => String::new(),
+                };
                 if let Some(barrier) = backend.barrier.as_ref().filter(|_| token == "tok-1") {
                     barrier.wait().await;
                 }
@@ -411,4 +415,82 @@ async fn json_post_to_loopback_server_survives_rotation() {
     assert_eq!(requests[0].headers["twn-authentication"], "tok-file-1");
     assert_eq!(requests[1].headers["twn-authentication"], "tok-file-2");
     assert_eq!(requests[0].body, requests[1].body);
+}
+
+/// Builds the retry and auth layers over `backend`, with `configure` applied to the auth layer.
+fn retrying(
+    source: &Numbered,
+    backend: &Backend,
+    configure: impl FnOnce(TwnAuthLayer<CachedToken>) -> TwnAuthLayer<CachedToken>,
+) -> impl tower::Service<
+    Request<String>,
+    Response = Response<String>,
+    Error = BoxError,
+    Future = impl Send,
+> + Clone {
+    let auth = configure(TwnAuthLayer::with_token_source(key(), source.clone()));
+    ServiceBuilder::new()
+        .layer(auth.retry_layer())
+        .layer(auth)
+        .service(backend.service::<String>())
+}
+
+#[tokio::test]
+async fn rejection_of_request_outside_scope_is_not_replayed() {
+    let source = Numbered::default();
+    let backend = Backend::rejecting(&[""]);
+    let scoped = |auth: TwnAuthLayer<CachedToken>| {
+        auth.detect_rotation()
+            .scope("https://navigator-api.tweakwise.com".parse().unwrap())
+    };
+    let service = retrying(&source, &backend, scoped);
+
+    // The backend rejects requests without a token (an empty value is recorded for them).
+    let request = Request::post("https://third-party.example.test/charge")
+        .body("once".to_owned())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        backend.received().len(),
+        1,
+        "a request the layer did not sign was replayed"
+    );
+    assert!(response.extensions().is_empty());
+}
+
+#[tokio::test]
+async fn rejection_of_request_with_its_own_credentials_is_not_replayed() {
+    let source = Numbered::default();
+    let backend = Backend::rejecting(&["tok-own"]);
+    let service = retrying(&source, &backend, TwnAuthLayer::detect_rotation);
+
+    let own = tower_twn_auth::TwnCredentials::new(
+        InstanceKey::new("other-shop").unwrap(),
+        AccessToken::new("tok-own").unwrap(),
+    );
+    let request = Request::post(URL)
+        .extension(own)
+        .body("once".to_owned())
+        .unwrap();
+    let response = service.oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(backend.received().len(), 1);
+    assert_eq!(source.fetches(), 0);
+}
+
+#[tokio::test]
+async fn retry_layer_without_detect_rotation_does_not_resend_the_same_token() {
+    let source = Numbered::default();
+    let backend = Backend::rejecting(&["tok-1"]);
+    let service = retrying(&source, &backend, |auth| auth);
+
+    let request = Request::post(URL).body("once".to_owned()).unwrap();
+    let response = service.oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(backend.received().len(), 1);
+    assert_eq!(source.fetches(), 1);
 }
