@@ -3,11 +3,13 @@
 //!
 //! # How a request finds its token
 //!
-//! The cache publishes one atomic word: the generation of the current token and its phase.
-//! Each service clone keeps a snapshot of the token it last used and the generation it
-//! belongs to. A request whose snapshot matches a usable word sends the snapshot: one atomic
-//! load, no lock, and no write to memory shared between threads. Only when the word says
-//! otherwise does the request take the lock ("the slow path").
+//! The cache publishes one atomic word: the generation of the current token, its phase, and
+//! its slot in the process-wide table of interned credential values (see
+//! [`credentials`](crate::credentials)), whose entries are set once and never change. A
+//! request that finds a usable word reads its token from that slot: two atomic loads, no
+//! lock, and no write to memory shared between threads, whichever service clone it comes
+//! through. Only when the word says otherwise does the request take the lock ("the slow
+//! path").
 //!
 //! The clock is not read on that path either. Timer tasks on the Tokio runtime move the word
 //! through its phases at the token's deadlines:
@@ -38,6 +40,7 @@ use tokio::time::{sleep_until, Instant};
 use tower::util::rng::{HasherRng, Rng};
 use tower::BoxError;
 
+use crate::credentials;
 use crate::error::Error;
 use crate::future::Watch;
 use crate::source::{DynSource, Token};
@@ -46,16 +49,26 @@ const FRESH: u64 = 0;
 const STALE: u64 = 1;
 const UNUSABLE: u64 = 2;
 
-const fn word(generation: u64, phase: u64) -> u64 {
-    (generation << 2) | phase
+/// Bits of the word: the phase in the lowest 2, then the token's slot in the table of
+/// interned values (10 bits, `0` for none), then the generation.
+const fn word(generation: u64, slot: u16, phase: u64) -> u64 {
+    (generation << 12) | ((slot as u64 & 0x3ff) << 2) | phase
 }
 
 const fn generation(word: u64) -> u64 {
-    word >> 2
+    word >> 12
+}
+
+const fn slot(word: u64) -> u16 {
+    ((word >> 2) & 0x3ff) as u16
 }
 
 const fn phase(word: u64) -> u64 {
     word & 3
+}
+
+const fn with_phase(word: u64, phase: u64) -> u64 {
+    (word & !3) | phase
 }
 
 /// Settings of the cache, set through the builder methods of
@@ -85,11 +98,13 @@ impl Default for CacheOptions {
     }
 }
 
-/// A token as requests use it: its value and the generation it was published under.
+/// A token as requests use it: its value, its slot, and the generation it was published
+/// under.
 #[derive(Clone)]
 pub(crate) struct Snapshot {
     pub(crate) generation: u64,
     pub(crate) value: HeaderValue,
+    pub(crate) slot: u16,
 }
 
 pub(crate) type Outcome = Result<Snapshot, Error>;
@@ -177,7 +192,7 @@ impl Cache {
     ) -> Self {
         let name = Arc::from(source.source_name());
         let cache = Cache {
-            word: Padded(AtomicU64::new(word(0, UNUSABLE))),
+            word: Padded(AtomicU64::new(word(0, 0, UNUSABLE))),
             confirmed: AtomicU64::new(0),
             slot: Mutex::new(Slot {
                 current: None,
@@ -242,7 +257,7 @@ impl Cache {
             slot.current = None;
             self.word
                 .0
-                .store(word(slot.last_generation, UNUSABLE), Ordering::Release);
+                .store(word(slot.last_generation, 0, UNUSABLE), Ordering::Release);
         }
 
         if slot.flight.is_none() {
@@ -270,7 +285,7 @@ impl Cache {
     /// Many requests may see the same `STALE` word; the compare-and-swap back to `FRESH`
     /// lets exactly one of them through to the lock.
     fn refresh_stale(self: &Arc<Self>, seen: u64) {
-        let fresh = word(generation(seen), FRESH);
+        let fresh = with_phase(seen, FRESH);
         if self
             .word
             .0
@@ -335,7 +350,7 @@ impl Cache {
         slot.current = None;
         self.word
             .0
-            .store(word(rejected, UNUSABLE), Ordering::Release);
+            .store(word(rejected, 0, UNUSABLE), Ordering::Release);
         if slot.flight.is_none() && slot.resting.as_ref().is_none_or(|(at, _)| *at <= now) {
             if let Err(error) = self.start_fetch(&mut slot) {
                 tracing::debug!(source = %self.name, %error, "cannot start a fetch");
@@ -462,7 +477,7 @@ impl Cache {
                         let generation = snapshot.generation;
                         self.word
                             .0
-                            .store(word(generation, FRESH), Ordering::Release);
+                            .store(word(generation, snapshot.slot, FRESH), Ordering::Release);
                         self.watch(generation, vec![(retry_at, STALE)]);
                         Ok(snapshot)
                     }
@@ -519,6 +534,7 @@ impl Cache {
             snapshot: Snapshot {
                 generation,
                 value: token.value.header_value().clone(),
+                slot: token.value.slot(),
             },
             refresh_at,
             usable_until,
@@ -547,9 +563,10 @@ impl Cache {
             return;
         }
         slot.armed = true;
-        self.word
-            .0
-            .store(word(generation, phase), Ordering::Release);
+        self.word.0.store(
+            word(generation, entry.snapshot.slot, phase),
+            Ordering::Release,
+        );
         self.watch(generation, steps);
     }
 
@@ -597,7 +614,7 @@ impl Cache {
             }
             match self.word.0.compare_exchange_weak(
                 seen,
-                word(generation, to),
+                with_phase(seen, to),
                 Ordering::AcqRel,
                 Ordering::Acquire,
             ) {
@@ -722,7 +739,7 @@ impl Drop for WatchGuard {
             cache
                 .word
                 .0
-                .store(word(self.generation, UNUSABLE), Ordering::Release);
+                .store(word(self.generation, 0, UNUSABLE), Ordering::Release);
         }
     }
 }
@@ -737,15 +754,17 @@ pub(crate) enum Lookup {
     Failed(Error),
 }
 
-/// The per-service side of the cache: the snapshot of the token a service clone last sent.
+/// A service's handle on the cache of a token-source layer.
+///
+/// It holds nothing but the shared cache, so cloning a service per request (as `oneshot` on a
+/// shared client does) costs a reference count and loses nothing.
 pub struct CachedToken {
     cache: Arc<Cache>,
-    local: Option<Snapshot>,
 }
 
 impl CachedToken {
     pub(crate) fn new(cache: Arc<Cache>) -> Self {
-        CachedToken { cache, local: None }
+        CachedToken { cache }
     }
 
     pub(crate) fn cache(&self) -> &Arc<Cache> {
@@ -754,18 +773,20 @@ impl CachedToken {
 
     /// Returns the token for a request.
     ///
-    /// The fast path: if the published word is usable and belongs to the snapshot this clone
-    /// holds, the snapshot is sent, after one atomic load. Otherwise the slow path decides.
-    /// Either way, a `STALE` word starts a background refresh.
+    /// The fast path: a usable word names its token's slot in the table of interned values,
+    /// which is read without a lock; one atomic load for the word, one for the slot, and a
+    /// clone of a value whose bytes are `'static`. A token without a slot (past the interning
+    /// budget) and any word that is not usable take the slow path. Either way, a `STALE` word
+    /// starts a background refresh.
     #[inline]
     pub(crate) fn lookup(&mut self) -> Lookup {
         let seen = self.cache.word.0.load(Ordering::Acquire);
-        if let Some(local) = &self.local {
-            if local.generation == generation(seen) && phase(seen) != UNUSABLE {
+        if phase(seen) != UNUSABLE {
+            if let Some(value) = credentials::interned(slot(seen)) {
                 if phase(seen) == STALE {
                     self.cache.refresh_stale(seen);
                 }
-                return Lookup::Ready(local.value.clone(), self.watch(local.generation));
+                return Lookup::Ready(value.clone(), self.watch(generation(seen)));
             }
         }
 
@@ -775,10 +796,7 @@ impl CachedToken {
                 if phase(seen) == STALE && generation(seen) == snapshot.generation {
                     self.cache.refresh_stale(seen);
                 }
-                let watch = self.watch(snapshot.generation);
-                let value = snapshot.value.clone();
-                self.local = Some(snapshot);
-                Lookup::Ready(value, watch)
+                Lookup::Ready(snapshot.value, self.watch(snapshot.generation))
             }
             Acquire::Wait(rx) => Lookup::Wait(rx, self.clone()),
             Acquire::Failed(error) => Lookup::Failed(error),
@@ -806,7 +824,6 @@ impl Clone for CachedToken {
     fn clone(&self) -> Self {
         CachedToken {
             cache: Arc::clone(&self.cache),
-            local: self.local.clone(),
         }
     }
 }

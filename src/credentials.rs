@@ -26,7 +26,7 @@
 //! Interned bytes are never overwritten or freed, so a rotated-away token stays in the
 //! process's memory (a `HeaderValue` is not zeroized either way).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -61,7 +61,11 @@ pub struct InstanceKey(HeaderValue);
 /// `Debug` prints a marker, never the token; the header value is marked sensitive, so `http`
 /// hides it too and HTTP/2 sends it never-indexed.
 #[derive(Clone)]
-pub struct AccessToken(HeaderValue);
+pub struct AccessToken {
+    value: HeaderValue,
+    /// Its place in the table of interned values, `0` for none.
+    slot: u16,
+}
 
 impl InstanceKey {
     /// Returns the instance key, if `value` is a valid one.
@@ -81,7 +85,7 @@ impl InstanceKey {
     /// assert!(!err.to_string().contains("ik"));
     /// ```
     pub fn new(value: &str) -> Result<Self, InvalidCredential> {
-        header_value(CredentialKind::InstanceKey, value.as_bytes()).map(InstanceKey)
+        header_value(CredentialKind::InstanceKey, value.as_bytes()).map(InstanceKey::validated)
     }
 
     /// Reads the instance key from the environment variable `variable`, trimming surrounding
@@ -105,7 +109,7 @@ impl InstanceKey {
             LoadedFrom::Env(variable.into()),
             &raw,
         )
-        .map(InstanceKey)
+        .map(InstanceKey::validated)
     }
 
     pub(crate) fn header_value(&self) -> &HeaderValue {
@@ -130,7 +134,7 @@ impl AccessToken {
     /// assert_eq!(err.reason(), InvalidReason::LeadingWhitespace);
     /// ```
     pub fn new(value: &str) -> Result<Self, InvalidCredential> {
-        header_value(CredentialKind::AccessToken, value.as_bytes()).map(AccessToken)
+        header_value(CredentialKind::AccessToken, value.as_bytes()).map(AccessToken::validated)
     }
 
     /// Reads the access token from the environment variable `variable`, trimming surrounding
@@ -154,7 +158,7 @@ impl AccessToken {
             LoadedFrom::Env(variable.into()),
             &raw,
         )
-        .map(AccessToken)
+        .map(AccessToken::validated)
     }
 
     /// Reads the access token from the file at `path`, trimming surrounding whitespace.
@@ -191,11 +195,28 @@ impl AccessToken {
 
     /// Trims and validates bytes read from `origin`.
     pub(crate) fn from_loaded(origin: LoadedFrom, raw: &[u8]) -> Result<Self, LoadError> {
-        load(CredentialKind::AccessToken, origin, raw).map(AccessToken)
+        load(CredentialKind::AccessToken, origin, raw).map(AccessToken::validated)
     }
 
     pub(crate) fn header_value(&self) -> &HeaderValue {
-        &self.0
+        &self.value
+    }
+
+    /// Returns the token's place in the table of interned values, `0` for none.
+    pub(crate) fn slot(&self) -> u16 {
+        self.slot
+    }
+}
+
+impl AccessToken {
+    fn validated((value, slot): (HeaderValue, u16)) -> Self {
+        AccessToken { value, slot }
+    }
+}
+
+impl InstanceKey {
+    fn validated((value, _slot): (HeaderValue, u16)) -> Self {
+        InstanceKey(value)
     }
 }
 
@@ -314,20 +335,24 @@ fn check(kind: CredentialKind, bytes: &[u8]) -> Result<(), InvalidCredential> {
     invalid(reason)
 }
 
-/// Validates `bytes` and returns them as a sensitive header value.
-fn header_value(kind: CredentialKind, bytes: &[u8]) -> Result<HeaderValue, InvalidCredential> {
+/// Validates `bytes` and returns them as a sensitive header value, with its slot.
+fn header_value(
+    kind: CredentialKind,
+    bytes: &[u8],
+) -> Result<(HeaderValue, u16), InvalidCredential> {
     check(kind, bytes)?;
 
     // `check` admits only visible ASCII, which `HeaderValue` accepts too; the error arm is
     // unreachable but costs nothing to keep honest.
-    let mut value = HeaderValue::from_maybe_shared(intern(bytes))
-        .map_err(|_| InvalidCredential::new(kind, InvalidReason::Empty))?;
-    value.set_sensitive(true);
-    Ok(value)
+    intern(bytes).ok_or(InvalidCredential::new(kind, InvalidReason::Empty))
 }
 
 /// Trims what was read from `origin`, then validates it.
-fn load(kind: CredentialKind, origin: LoadedFrom, raw: &[u8]) -> Result<HeaderValue, LoadError> {
+fn load(
+    kind: CredentialKind,
+    origin: LoadedFrom,
+    raw: &[u8],
+) -> Result<(HeaderValue, u16), LoadError> {
     header_value(kind, trim(raw)).map_err(|source| LoadError::Invalid { origin, source })
 }
 
@@ -358,32 +383,62 @@ fn read_env(variable: &str) -> Result<Vec<u8>, LoadError> {
 /// Upper bound on the bytes interned for the life of the process.
 const INTERN_BUDGET: usize = 64 * 1024;
 
+/// Number of places in the table of interned values; place `0` means none.
+const SLOTS: usize = 1024;
+
+/// Interned values by place, each set once and never changed: a reader needs no lock.
+static TABLE: [OnceLock<HeaderValue>; SLOTS] = [const { OnceLock::new() }; SLOTS];
+
 struct Interned {
-    values: HashSet<&'static [u8]>,
+    /// Each interned value, with its place in [`TABLE`] (`0` once the table is full).
+    values: HashMap<&'static [u8], u16>,
     bytes: usize,
 }
 
-/// Returns `bytes` as a `Bytes` whose clones write no shared memory, while the budget lasts.
-fn intern(bytes: &[u8]) -> Bytes {
-    static TABLE: OnceLock<Mutex<Interned>> = OnceLock::new();
-    let table = TABLE.get_or_init(|| {
+/// Returns `bytes` as a sensitive header value whose clones write no shared memory, and its
+/// place in the table, while the budget lasts.
+fn intern(bytes: &[u8]) -> Option<(HeaderValue, u16)> {
+    static INTERNED: OnceLock<Mutex<Interned>> = OnceLock::new();
+    let interned = INTERNED.get_or_init(|| {
         Mutex::new(Interned {
-            values: HashSet::new(),
+            values: HashMap::new(),
             bytes: 0,
         })
     });
-    // Interning only adds entries, so a panic elsewhere cannot leave the set inconsistent.
-    let mut table = table.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(existing) = table.values.get(bytes) {
-        return Bytes::from_static(existing);
+    let sensitive = |bytes: Bytes| {
+        let mut value = HeaderValue::from_maybe_shared(bytes).ok()?;
+        value.set_sensitive(true);
+        Some(value)
+    };
+
+    // Interning only adds entries, so a panic elsewhere cannot leave the map inconsistent.
+    let mut interned = interned.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some((existing, slot)) = interned.values.get_key_value(bytes) {
+        return Some((sensitive(Bytes::from_static(existing))?, *slot));
     }
-    if table.bytes + bytes.len() > INTERN_BUDGET {
-        return Bytes::copy_from_slice(bytes);
+    if interned.bytes + bytes.len() > INTERN_BUDGET {
+        return Some((sensitive(Bytes::copy_from_slice(bytes))?, 0));
     }
+
     let leaked: &'static [u8] = Box::leak(bytes.to_vec().into_boxed_slice());
-    table.bytes += leaked.len();
-    table.values.insert(leaked);
-    Bytes::from_static(leaked)
+    let value = sensitive(Bytes::from_static(leaked))?;
+    let slot = u16::try_from(interned.values.len() + 1)
+        .ok()
+        .filter(|slot| usize::from(*slot) < SLOTS)
+        .unwrap_or(0);
+    if slot != 0 {
+        // Set before the value is handed out, so a published slot is always filled.
+        let _ = TABLE[usize::from(slot)].set(value.clone());
+    }
+    interned.bytes += leaked.len();
+    interned.values.insert(leaked, slot);
+    Some((value, slot))
+}
+
+/// Returns the interned value at `slot`, without taking a lock.
+#[inline]
+pub(crate) fn interned(slot: u16) -> Option<&'static HeaderValue> {
+    TABLE.get(usize::from(slot)).and_then(OnceLock::get)
 }
 
 #[cfg(test)]
@@ -425,5 +480,11 @@ mod tests {
         let b = InstanceKey::new("intern-test-value").unwrap();
         assert_eq!(a.0.as_bytes().as_ptr(), b.0.as_bytes().as_ptr());
         assert!(a.0.is_sensitive());
+
+        let token = AccessToken::new("intern-test-value").unwrap();
+        assert_ne!(token.slot(), 0);
+        assert_eq!(interned(token.slot()), Some(&a.0));
+        assert!(interned(token.slot()).is_some_and(HeaderValue::is_sensitive));
+        assert_eq!(interned(0), None);
     }
 }

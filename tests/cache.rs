@@ -764,20 +764,25 @@ async fn eight_tasks_hammering_during_background_refreshes_see_exact_fetch_count
     }
 
     const RELEASES: usize = 5;
+    // Waits for a count, failing the test instead of hanging if it never comes.
+    let reach = |counter: Arc<AtomicUsize>, target: usize| async move {
+        let wait = async {
+            while counter.load(Ordering::SeqCst) < target {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), wait)
+            .await
+            .unwrap_or_else(|_| panic!("counter never reached {target}"));
+    };
     for release in 1..=RELEASES {
         // Wait until the requests started the next refresh, then let it finish.
-        while source.fetches.load(Ordering::SeqCst) < release + 1 {
-            tokio::task::yield_now().await;
-        }
+        reach(Arc::clone(&source.fetches), release + 1).await;
         source.gate.add_permits(1);
-        while source.completed.load(Ordering::SeqCst) < release + 1 {
-            tokio::task::yield_now().await;
-        }
+        reach(Arc::clone(&source.completed), release + 1).await;
     }
     // Let requests see the last token, and start (exactly) one more fetch.
-    while source.fetches.load(Ordering::SeqCst) < RELEASES + 2 {
-        tokio::task::yield_now().await;
-    }
+    reach(Arc::clone(&source.fetches), RELEASES + 2).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = 0;
     for task in tasks {
