@@ -231,6 +231,14 @@ impl Cache {
         &self.options
     }
 
+    /// Whether a response with `status` rejects the token it was sent with.
+    pub(crate) fn rejects(&self, status: StatusCode) -> bool {
+        self.options
+            .reject_statuses
+            .as_ref()
+            .is_some_and(|statuses| statuses.contains(&status))
+    }
+
     fn lock(&self) -> MutexGuard<'_, Slot> {
         // Every critical section leaves `Slot` consistent before anything that could panic.
         self.slot.lock().unwrap_or_else(PoisonError::into_inner)
@@ -806,11 +814,10 @@ impl CachedToken {
     /// Returns what the response future needs to report how the server answered the token of
     /// `generation`, if rotation detection is on.
     pub(crate) fn watch(&self, generation: u64) -> Option<Watch> {
-        let statuses = self.cache.options.reject_statuses.as_ref()?;
+        self.cache.options.reject_statuses.as_ref()?;
         Some(Watch {
             cache: Arc::clone(&self.cache),
             generation,
-            statuses: Arc::clone(statuses),
         })
     }
 

@@ -21,10 +21,12 @@
 //!
 //! Values are interned: the bytes of each distinct value are kept for the life of the
 //! process, so that attaching them to a request is a copy of a pointer that writes no memory
-//! shared between threads. Interning stops after 64 KiB of distinct values; later values are
-//! reference-counted instead, which is as correct and costs one atomic increment per request.
-//! Interned bytes are never overwritten or freed, so a rotated-away token stays in the
-//! process's memory (a `HeaderValue` is not zeroized either way).
+//! shared between threads, and the first 1,023 distinct values get a place in a table that a
+//! token-source layer reads without a lock. Interning stops after 64 KiB of distinct values;
+//! later values are reference-counted instead, which is as correct but costs an atomic
+//! increment per request (and, for a cached token, the cache's lock). Interned bytes are never
+//! overwritten or freed, so a rotated-away token stays in the process's memory (a
+//! `HeaderValue` is not zeroized either way).
 
 use std::collections::HashMap;
 use std::fmt;

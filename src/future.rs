@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tower::BoxError;
@@ -174,14 +174,13 @@ pub(crate) mod sealed {
     pub struct Watch {
         pub(crate) cache: Arc<Cache>,
         pub(crate) generation: u64,
-        pub(crate) statuses: Arc<[StatusCode]>,
     }
 
     impl Watch {
         /// Drops the token if the response rejected it, and then marks the response for
         /// [`RetryRejected`](crate::RetryRejected) if a retry would carry another token.
         pub(super) fn report<B>(self, response: &mut Response<B>) {
-            if !self.statuses.contains(&response.status()) {
+            if !self.cache.rejects(response.status()) {
                 self.cache.confirm(self.generation);
             } else if self.cache.invalidate(self.generation) {
                 response.extensions_mut().insert(Replaceable);

@@ -74,9 +74,11 @@
 //! # Costs
 //!
 //! With a fixed token, or a cached token that is still usable, a request costs two header
-//! inserts, an atomic load or two, and no lock, allocation or write to memory shared between
-//! threads: credential bytes are interned (see [`credentials`]) and the cache's deadlines are
-//! tracked by timers instead of clock reads.
+//! inserts, a check of the URI's scheme (and authority, with a scope), an atomic load or two,
+//! and no lock, allocation or write to memory shared between threads: credential bytes are
+//! interned (see [`credentials`]) and the cache's deadlines are tracked by timers instead of
+//! clock reads. [`detect_rotation`](TwnAuthLayer::detect_rotation) adds a reference count
+//! per request, since the response must find its way back to the cache.
 //!
 //! # Secrets
 //!
