@@ -102,6 +102,11 @@ impl TwnAuthLayer<CachedToken> {
     /// scope, or carrying their own [`TwnCredentials`](crate::TwnCredentials)) never wait.
     /// The fetch and the timers that track expiry run on the Tokio runtime of the request
     /// that needs them; it must have timers enabled (`#[tokio::main]` and `Runtime::new` do).
+    /// Requests read no clock: they trust those timers. Should that runtime stay alive but
+    /// stop being driven (a current-thread runtime outside `block_on`, say) while another
+    /// one sends the requests, the timers stop too, and a token would be sent past its
+    /// expiry; a runtime that shuts down is noticed, and its timers are started again on the
+    /// next request's runtime.
     ///
     /// ```
     /// use std::time::Duration;
@@ -123,8 +128,8 @@ impl TwnAuthLayer<CachedToken> {
     /// Returns a layer configured from the environment.
     ///
     /// Reads the instance key from `TWN_INSTANCE_KEY`, and the access token from either
-    /// `TWN_ACCESS_TOKEN` or the file named by `TWN_ACCESS_TOKEN_FILE`. Both are read now, so
-    /// that a mistake shows at start-up, and the token is read again every 30 seconds (by an
+    /// `TWN_ACCESS_TOKEN` or the file named by `TWN_ACCESS_TOKEN_FILE`. Both are read now
+    /// (the file with a brief blocking read), so that a mistake shows at start-up, and the token is read again every 30 seconds (by an
     /// [`EnvSource`] or a [`FileSource`]) so that a rotated secret is picked up without a
     /// restart. Surrounding whitespace is trimmed.
     ///
@@ -340,8 +345,9 @@ impl<P> TwnAuthLayer<P> {
     /// Such requests go to wherever the connection beneath was opened, which the layer cannot
     /// see; by default they fail with
     /// [`Error::UnknownDestination`](crate::Error::UnknownDestination). Allow them when the
-    /// inner service is a connection you opened to the Tweakwise API yourself (for example
-    /// hyper's `client::conn` over TLS). The [scope](Self::scope) does not apply to them.
+    /// inner service sends over a connection you opened to the Tweakwise API yourself (for
+    /// example a `Service` around hyper's `client::conn` sender, over TLS). The
+    /// [scope](Self::scope) does not apply to them.
     pub fn allow_relative_uris(mut self) -> Self {
         Arc::make_mut(&mut self.shared).destinations.allow_relative = true;
         self

@@ -15,7 +15,8 @@
 //! of two such bodies. Streams such as `http_body_util::combinators::BoxBody` return `None`:
 //! the request is sent once and the caller gets the rejection; the token is still dropped,
 //! so the next request carries a new one. Implement the trait for your own body type to
-//! choose.
+//! choose; for a body type of another crate, which the orphan rule keeps you from
+//! implementing it for, wrap the body in a type of your own.
 
 use std::future::{ready, Ready};
 use std::sync::Arc;
