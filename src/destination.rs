@@ -211,7 +211,10 @@ impl Destinations {
         if https && self.scope.is_none() {
             // Only the host's presence is left to check; `Uri` allows an empty one. (Behind
             // user info an empty host goes unnoticed here, but such a request reaches no one.)
-            return match uri.authority().map(|authority| authority.as_str().as_bytes()) {
+            return match uri
+                .authority()
+                .map(|authority| authority.as_str().as_bytes())
+            {
                 Some([first, ..]) if *first != b':' => Verdict::Attach,
                 _ => Verdict::Unknown,
             };
