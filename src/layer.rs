@@ -129,9 +129,10 @@ impl TwnAuthLayer<CachedToken> {
     ///
     /// Reads the instance key from `TWN_INSTANCE_KEY`, and the access token from either
     /// `TWN_ACCESS_TOKEN` or the file named by `TWN_ACCESS_TOKEN_FILE`. Both are read now
-    /// (the file with a brief blocking read), so that a mistake shows at start-up, and the token is read again every 30 seconds (by an
-    /// [`EnvSource`] or a [`FileSource`]) so that a rotated secret is picked up without a
-    /// restart. Surrounding whitespace is trimmed.
+    /// (the file with a brief blocking read), so that a mistake shows at start-up, and the
+    /// token is read again every 30 seconds (by an [`EnvSource`] or a [`FileSource`]) so
+    /// that a rotated secret is picked up without a restart. Surrounding whitespace is
+    /// trimmed.
     ///
     /// `TWN_ACCESS_TOKEN_FILE` is a path, and paths appear in error messages and `tracing`
     /// events; a token put there by mistake would be printed with them.
