@@ -10,12 +10,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::cache::Lookup;
-use crate::credentials::StaticToken;
-use crate::credentials::{InstanceKey, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY};
+use crate::credentials::{
+    InstanceKey, StaticToken, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
+};
 use crate::destination::{Destinations, Verdict};
 use crate::error::Error;
-use crate::future::ResponseFuture;
-use crate::future::TokenWait;
+use crate::future::{ResponseFuture, TokenWait};
 use crate::layer::TwnAuthLayer;
 use crate::provider::TokenProvider;
 
@@ -41,6 +41,7 @@ pub(crate) struct LeftOrigin;
 /// one that is not in `tower::buffer::Buffer`): a request that has to wait for a token takes
 /// the readied instance into its response future and leaves a clone behind, the way
 /// tower-http's `FollowRedirect` does.
+///
 /// `P` is where the token comes from: [`StaticToken`] for a layer made with
 /// [`TwnAuthLayer::new`], [`CachedToken`](crate::CachedToken) for one made with a token
 /// source.
