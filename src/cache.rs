@@ -11,8 +11,9 @@
 //! through. Only when the word says otherwise does the request take the lock ("the slow
 //! path").
 //!
-//! The clock is not read on that path either. Timer tasks on the Tokio runtime move the word
-//! through its phases at the token's deadlines:
+//! Timer tasks on the Tokio runtime move the word through its phases at the token's
+//! deadlines; for a token that expires, the fast path also compares the clock with the
+//! published deadline, so that a timer running late never lets an expired token through:
 //!
 //! * `FRESH`: use the token.
 //! * `STALE`: inside the refresh-ahead window. Use the token; the first request to see this
@@ -50,13 +51,16 @@ const STALE: u64 = 1;
 const UNUSABLE: u64 = 2;
 
 /// Bits of the word: the phase in the lowest 2, then the token's slot in the table of
-/// interned values (10 bits, `0` for none), then the generation.
+/// interned values (10 bits, `0` for none), then whether the token expires (1 bit, see
+/// [`Cache::deadline`]), then the generation.
 const fn word(generation: u64, slot: u16, phase: u64) -> u64 {
-    (generation << 12) | ((slot as u64 & 0x3ff) << 2) | phase
+    (generation << 13) | ((slot as u64 & 0x3ff) << 2) | phase
 }
 
+const EXPIRES: u64 = 1 << 12;
+
 const fn generation(word: u64) -> u64 {
-    word >> 12
+    word >> 13
 }
 
 const fn slot(word: u64) -> u16 {
@@ -167,6 +171,12 @@ pub(crate) struct Cache {
     /// The published `(generation, phase)`; on a cache line of its own so that reads from
     /// every core do not contend with reference-count or lock traffic.
     word: Padded<AtomicU64>,
+    /// For a word with the `EXPIRES` bit: the microseconds from `base` at which the token
+    /// stops being usable, shifted left by 8, with the low 8 bits of its generation below.
+    /// Requests compare it with the clock, so that a timer running late can never make them
+    /// send a token past its expiry margin.
+    deadline: AtomicU64,
+    base: Instant,
     /// The highest generation that got a response not counted as a rejection.
     confirmed: AtomicU64,
     slot: Mutex<Slot>,
@@ -194,6 +204,8 @@ impl Cache {
         let cache = Cache {
             word: Padded(AtomicU64::new(word(0, 0, UNUSABLE))),
             confirmed: AtomicU64::new(0),
+            deadline: AtomicU64::new(u64::MAX),
+            base: Instant::now(),
             slot: Mutex::new(Slot {
                 current: None,
                 last_generation: 0,
@@ -231,6 +243,20 @@ impl Cache {
         &self.options
     }
 
+    /// Returns the generation of the published token, or of the last one published.
+    pub(crate) fn generation(&self) -> u64 {
+        generation(self.word.0.load(Ordering::Acquire))
+    }
+
+    /// Whether the cache no longer holds the token of `generation`: it was dropped, or
+    /// another one replaced it.
+    pub(crate) fn replaced(&self, generation: u64) -> bool {
+        let slot = self.lock();
+        slot.current
+            .as_ref()
+            .is_none_or(|entry| entry.snapshot.generation != generation)
+    }
+
     /// Whether a response with `status` rejects the token it was sent with.
     pub(crate) fn rejects(&self, status: StatusCode) -> bool {
         self.options
@@ -251,8 +277,8 @@ impl Cache {
     /// fails at once with the last error. Who waits: every caller that finds no usable token
     /// while a fetch is under way, including the one that spawned it.
     fn acquire(self: &Arc<Self>) -> Acquire {
-        let now = Instant::now();
         let mut slot = self.lock();
+        let now = Instant::now();
 
         if let Some(entry) = &slot.current {
             if entry.usable_at(now) {
@@ -323,17 +349,15 @@ impl Cache {
     /// token that is itself rejected before it ever worked is kept until its hold time has
     /// passed (the backoff), so a server that refuses every token does not make the cache
     /// fetch for every request.
-    ///
-    /// Returns whether a request sent now would carry another token than the rejected one.
-    pub(crate) fn invalidate(self: &Arc<Self>, rejected: u64) -> bool {
-        let now = Instant::now();
+    pub(crate) fn invalidate(self: &Arc<Self>, rejected: u64) {
         let mut slot = self.lock();
+        let now = Instant::now();
         let Some(entry) = slot.current.as_ref() else {
             // Already dropped: the next request waits for the fetch that replaces it.
-            return true;
+            return;
         };
         if entry.snapshot.generation != rejected {
-            return true;
+            return;
         }
 
         let worked = self.confirmed.load(Ordering::Acquire) >= rejected;
@@ -343,7 +367,7 @@ impl Cache {
                 source = %self.name,
                 "replacement token rejected too; keeping it until the backoff has passed"
             );
-            return false;
+            return;
         }
         if worked || !replacement {
             slot.rejections = None;
@@ -364,7 +388,6 @@ impl Cache {
                 tracing::debug!(source = %self.name, %error, "cannot start a fetch");
             }
         }
-        true
     }
 
     /// Notes that the token of `generation` got a response that was not a rejection.
@@ -415,9 +438,10 @@ impl Cache {
 
     /// Publishes the result of a fetch and wakes its waiters.
     fn complete(self: &Arc<Self>, result: Result<Token, BoxError>, started: Instant) {
+        let mut slot = self.lock();
+        // Read under the lock, so that no deadline can pass between the reading and the use.
         let now = Instant::now();
         let fetch_ms = now.saturating_duration_since(started).as_millis() as u64;
-        let mut slot = self.lock();
         let waiters = slot.flight.take().unwrap_or_default();
         let hold_until = slot.next_hold.take();
 
@@ -480,12 +504,20 @@ impl Cache {
                 match slot.current.as_ref().filter(|entry| entry.usable_at(now)) {
                     Some(entry) => {
                         // Keep sending the token we have; ask the source again once the
-                        // backoff has passed.
+                        // backoff has passed. The word goes back from `STALE` to `FRESH`
+                        // only: should the expiry timer have made it `UNUSABLE` meanwhile,
+                        // that stands.
                         let snapshot = entry.snapshot.clone();
                         let generation = snapshot.generation;
-                        self.word
-                            .0
-                            .store(word(generation, snapshot.slot, FRESH), Ordering::Release);
+                        let seen = self.word.0.load(Ordering::Acquire);
+                        if self::generation(seen) == generation && phase(seen) == STALE {
+                            let _ = self.word.0.compare_exchange(
+                                seen,
+                                with_phase(seen, FRESH),
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
                         self.watch(generation, vec![(retry_at, STALE)]);
                         Ok(snapshot)
                     }
@@ -571,11 +603,33 @@ impl Cache {
             return;
         }
         slot.armed = true;
-        self.word.0.store(
-            word(generation, entry.snapshot.slot, phase),
-            Ordering::Release,
-        );
+        let mut published = word(generation, entry.snapshot.slot, phase);
+        if let Some(until) = entry.usable_until {
+            // Stored before the word, so that a request that sees the word sees its deadline.
+            let micros = until.saturating_duration_since(self.base).as_micros();
+            let micros = u64::try_from(micros)
+                .unwrap_or(u64::MAX >> 8)
+                .min(u64::MAX >> 8);
+            let deadline = (micros << 8) | (generation & 0xff);
+            self.deadline.store(deadline, Ordering::Release);
+            published |= EXPIRES;
+        }
+        self.word.0.store(published, Ordering::Release);
         self.watch(generation, steps);
+    }
+
+    /// Whether the token of word `seen` is past its deadline, or the deadline at hand is not
+    /// that token's: either way the request must take the slow path.
+    #[inline]
+    fn past_deadline(&self, seen: u64) -> bool {
+        let deadline = self.deadline.load(Ordering::Acquire);
+        if deadline & 0xff != generation(seen) & 0xff {
+            return true;
+        }
+        let micros = Instant::now()
+            .saturating_duration_since(self.base)
+            .as_micros();
+        micros >= u128::from(deadline >> 8)
     }
 
     /// Spawns a task that moves the word of `generation` to each phase at its instant.
@@ -789,7 +843,7 @@ impl CachedToken {
     #[inline]
     pub(crate) fn lookup(&mut self) -> Lookup {
         let seen = self.cache.word.0.load(Ordering::Acquire);
-        if phase(seen) != UNUSABLE {
+        if phase(seen) != UNUSABLE && (seen & EXPIRES == 0 || !self.cache.past_deadline(seen)) {
             if let Some(value) = credentials::interned(slot(seen)) {
                 if phase(seen) == STALE {
                     self.cache.refresh_stale(seen);

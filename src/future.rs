@@ -92,9 +92,9 @@ where
                 }
                 StateProj::Called { future, watch } => {
                     return match ready!(future.poll(cx)) {
-                        Ok(mut response) => {
+                        Ok(response) => {
                             if let Some(watch) = watch.take() {
-                                watch.report(&mut response);
+                                watch.report(&response);
                             }
                             Poll::Ready(Ok(response))
                         }
@@ -164,7 +164,7 @@ impl<S, B> fmt::Debug for TokenWait<S, B> {
     }
 }
 
-pub(crate) use self::sealed::{Replaceable, Watch};
+pub(crate) use self::sealed::Watch;
 
 pub(crate) mod sealed {
     use super::*;
@@ -177,21 +177,15 @@ pub(crate) mod sealed {
     }
 
     impl Watch {
-        /// Drops the token if the response rejected it, and then marks the response for
-        /// [`RetryRejected`](crate::RetryRejected) if a retry would carry another token.
-        pub(super) fn report<B>(self, response: &mut Response<B>) {
-            if !self.cache.rejects(response.status()) {
+        /// Drops the token if the response rejected it, or notes that it worked.
+        pub(super) fn report<B>(self, response: &Response<B>) {
+            if self.cache.rejects(response.status()) {
+                self.cache.invalidate(self.generation);
+            } else {
                 self.cache.confirm(self.generation);
-            } else if self.cache.invalidate(self.generation) {
-                response.extensions_mut().insert(Replaceable);
             }
         }
     }
-
-    /// Marks a response that rejected a token the cache has since dropped. Only
-    /// [`RetryRejected`](crate::RetryRejected) reads it, and it removes it.
-    #[derive(Clone, Copy, Debug)]
-    pub(crate) struct Replaceable;
 
     /// A first stage that produces the inner service's future.
     pub trait Wait<F> {

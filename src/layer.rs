@@ -102,11 +102,13 @@ impl TwnAuthLayer<CachedToken> {
     /// scope, or carrying their own [`TwnCredentials`](crate::TwnCredentials)) never wait.
     /// The fetch and the timers that track expiry run on the Tokio runtime of the request
     /// that needs them; it must have timers enabled (`#[tokio::main]` and `Runtime::new` do).
-    /// Requests read no clock: they trust those timers. Should that runtime stay alive but
-    /// stop being driven (a current-thread runtime outside `block_on`, say) while another
-    /// one sends the requests, the timers stop too, and a token would be sent past its
-    /// expiry; a runtime that shuts down is noticed, and its timers are started again on the
-    /// next request's runtime.
+    /// Requests rely on those timers for the refresh-ahead window, and read the clock only
+    /// for a token that expires, so that no token is ever sent inside its expiry margin, even
+    /// when the timers run late. Should that runtime stay alive but stop being driven (a
+    /// current-thread runtime outside `block_on`, say) while another one sends the requests,
+    /// refreshes ahead of expiry stop, and so may a fetch started there, until its waiters'
+    /// own deadlines; a runtime that shuts down is noticed, and the next request starts over
+    /// on its own runtime.
     ///
     /// ```
     /// use std::time::Duration;
@@ -269,9 +271,9 @@ impl TwnAuthLayer<CachedToken> {
     /// Returns the retry layer that sends a rejected request once more, with a fresh token.
     ///
     /// It is [`tower::retry::RetryLayer`] with the [`RetryRejected`] policy, retrying on the
-    /// statuses given to [`detect_rotation_on`](Self::detect_rotation_on) (`401` by default).
-    /// It must sit **outside** the authentication layer, so that the retried request passes
-    /// through it again:
+    /// statuses [`detect_rotation`](Self::detect_rotation) watches; without rotation
+    /// detection it retries nothing. It must sit **outside** the authentication layer, so
+    /// that the retried request passes through it again:
     ///
     /// ```
     /// use std::time::Duration;
@@ -296,14 +298,8 @@ impl TwnAuthLayer<CachedToken> {
     /// # Ok::<(), tower::BoxError>(())
     /// ```
     pub fn retry_layer(&self) -> RetryLayer<RetryRejected> {
-        let statuses = self
-            .token
-            .cache()
-            .options()
-            .reject_statuses
-            .clone()
-            .unwrap_or_else(|| Arc::new([StatusCode::UNAUTHORIZED]));
-        RetryLayer::new(RetryRejected::new(statuses))
+        let policy = RetryRejected::new(Arc::clone(self.token.cache()), Arc::clone(&self.shared));
+        RetryLayer::new(policy)
     }
 
     fn with_options(mut self, change: impl FnOnce(&mut CacheOptions)) -> Self {

@@ -76,9 +76,10 @@
 //! With a fixed token, or a cached token that is still usable, a request costs two header
 //! inserts, a check of the URI's scheme (and authority, with a scope), an atomic load or two,
 //! and no lock, allocation or write to memory shared between threads: credential bytes are
-//! interned (see [`credentials`]) and the cache's deadlines are tracked by timers instead of
-//! clock reads. [`detect_rotation`](TwnAuthLayer::detect_rotation) adds a reference count
-//! per request, since the response must find its way back to the cache.
+//! interned (see [`credentials`]) and the cache's refresh-ahead window is tracked by a timer.
+//! A cached token that expires adds one clock read, to check its expiry margin.
+//! [`detect_rotation`](TwnAuthLayer::detect_rotation) adds a reference count per request,
+//! since the response must find its way back to the cache.
 //!
 //! # Secrets
 //!

@@ -22,12 +22,15 @@ use std::future::{ready, Ready};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body_util::combinators::{BoxBody, UnsyncBoxBody};
 use http_body_util::{Either, Empty, Full};
 use tower::retry::Policy;
 
-use crate::future::Replaceable;
+use crate::cache::Cache;
+use crate::credentials::TwnCredentials;
+use crate::destination::Verdict;
+use crate::service::{LeftOrigin, Shared};
 
 /// A request body that may be sent again.
 ///
@@ -100,33 +103,41 @@ impl<D, E> ReplayBody for UnsyncBoxBody<D, E> {
 /// Retry policy that sends a request once more after its token was rejected.
 ///
 /// Made by [`TwnAuthLayer::retry_layer`](crate::TwnAuthLayer::retry_layer). A request is
-/// retried only when the layer attached its own token, the response has one of the
-/// rejection statuses, and rotation detection has dropped that token, so that the retry
-/// carries another one; requests outside the scope, with their own
-/// [`TwnCredentials`](crate::TwnCredentials), or through a layer without
-/// [`detect_rotation`](crate::TwnAuthLayer::detect_rotation) are never retried. Each request
-/// is retried at most once: if the second attempt is rejected too, the caller gets that
-/// second response as the server sent it. Errors of the inner service are not retried.
+/// retried only when the layer attached its own token to it, the response has one of the
+/// rejection statuses given to
+/// [`detect_rotation_on`](crate::TwnAuthLayer::detect_rotation_on), and the cache has since
+/// replaced the token it held when the request set off, so that the retry carries another
+/// one. Requests outside the scope, with their own [`TwnCredentials`], or through a layer
+/// without [`detect_rotation`](crate::TwnAuthLayer::detect_rotation) are never retried. Each
+/// request is retried at most once: if the second attempt is rejected too, the caller gets
+/// that second response as the server sent it. Errors of the inner service are not retried.
 #[derive(Clone, Debug)]
 pub struct RetryRejected {
-    statuses: Arc<[StatusCode]>,
+    cache: Arc<Cache>,
+    shared: Arc<Shared>,
+    /// The generation of the cached token when the request set off.
+    generation: u64,
     retried: bool,
 }
 
 impl RetryRejected {
-    /// Returns a policy retrying responses with any of `statuses`.
-    ///
-    /// ```
-    /// use http::StatusCode;
-    /// use tower_twn_auth::RetryRejected;
-    ///
-    /// let policy = RetryRejected::new([StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN]);
-    /// ```
-    pub fn new(statuses: impl Into<Arc<[StatusCode]>>) -> Self {
+    pub(crate) fn new(cache: Arc<Cache>, shared: Arc<Shared>) -> Self {
         RetryRejected {
-            statuses: statuses.into(),
+            cache,
+            shared,
+            generation: 0,
             retried: false,
         }
+    }
+
+    /// Whether the layer attaches its own token to `request`, as `TwnAuth` decides it.
+    fn signs<B>(&self, request: &Request<B>) -> bool {
+        let extensions = request.extensions();
+        matches!(
+            self.shared.destinations.verdict(request.uri()),
+            Verdict::Attach
+        ) && extensions.get::<TwnCredentials>().is_none()
+            && extensions.get::<LeftOrigin>().is_none()
     }
 }
 
@@ -138,16 +149,16 @@ where
 
     fn retry(
         &mut self,
-        _request: &mut Request<B>,
+        request: &mut Request<B>,
         result: &mut Result<Response<ResB>, E>,
     ) -> Option<Self::Future> {
-        let response = result.as_mut().ok()?;
-        // Set only on a response that rejected the layer's own token, once that token is
-        // gone: a request the layer did not authenticate, or one whose token the cache keeps,
-        // would only be rejected again.
-        let replaceable = response.extensions_mut().remove::<Replaceable>().is_some();
-        let status = response.status();
-        if self.retried || !replaceable || !self.statuses.contains(&status) {
+        let status = result.as_ref().ok()?.status();
+        if self.retried || !self.cache.rejects(status) || !self.signs(request) {
+            return None;
+        }
+        // A token the cache still holds was not dropped (it is a replacement held for the
+        // backoff): sending the request again would only be rejected again.
+        if !self.cache.replaced(self.generation) {
             return None;
         }
         self.retried = true;
@@ -157,6 +168,7 @@ where
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         let body = request.body().replay()?;
+        self.generation = self.cache.generation();
         let mut copy = Request::new(body);
         *copy.method_mut() = request.method().clone();
         *copy.uri_mut() = request.uri().clone();

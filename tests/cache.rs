@@ -822,3 +822,30 @@ async fn cached_layer_service_and_future_are_send_and_can_be_spawned() {
     assert_eq!(seen.all(), ["tok-1", "tok-1"]);
     assert_eq!(source.fetches(), 1);
 }
+
+#[test]
+fn expired_token_is_never_sent_while_the_runtime_is_too_busy_to_run_timers() {
+    // A current-thread runtime whose only thread is blocked past the token's usable time:
+    // the timer that would mark the token expired cannot have run, and the request that
+    // follows must not send it anyway.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let source = Counting::new(Duration::ZERO, Some(Duration::from_millis(300)));
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .expiry_margin(Duration::from_millis(100))
+        .refresh_ahead(Duration::from_millis(150));
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+
+    runtime.block_on(async {
+        send(&service).await.unwrap();
+        // Blocks the runtime's thread: this creates the condition, it asserts nothing.
+        std::thread::sleep(Duration::from_millis(400));
+        send(&service).await.unwrap();
+    });
+
+    assert_eq!(seen.all(), ["tok-1", "tok-2"]);
+    assert_eq!(source.fetches(), 2);
+}

@@ -24,9 +24,8 @@ use tokio::runtime::Runtime;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_twn_auth::{
     AccessToken, CredentialKind, EnvSource, Error, FileSource, InstanceKey, InvalidReason,
-    LoadError, LoadedFrom, Origin, RetryRejected, Token, TokenProvider, TokenSource, TwnAuthLayer,
-    TwnCredentials, ENV_ACCESS_TOKEN, ENV_ACCESS_TOKEN_FILE, ENV_INSTANCE_KEY, TWN_AUTHENTICATION,
-    TWN_INSTANCEKEY,
+    LoadError, LoadedFrom, Origin, Token, TokenProvider, TokenSource, TwnAuthLayer, TwnCredentials,
+    ENV_ACCESS_TOKEN, ENV_ACCESS_TOKEN_FILE, ENV_INSTANCE_KEY, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
 };
 use tracing_subscriber::fmt::MakeWriter;
 
@@ -426,10 +425,6 @@ fn credentials_and_values(out: &mut Outputs) {
     out.both(
         "LoadedFrom::File",
         &LoadedFrom::File("/run/secrets/twn".into()),
-    );
-    out.debug(
-        "RetryRejected",
-        &RetryRejected::new([StatusCode::UNAUTHORIZED]),
     );
 
     // Origins never hold credentials, but a user could paste one in by mistake.

@@ -185,6 +185,10 @@ async fn streaming_body_is_sent_once_and_next_request_carries_new_token() {
     let response = service.clone().oneshot(request).await.unwrap();
 
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        response.extensions().is_empty(),
+        "the response carries a trace"
+    );
     assert_eq!(backend.received().len(), 1);
     assert_eq!(backend.received()[0].body, "chunk-1chunk-2");
 
@@ -493,4 +497,31 @@ async fn retry_layer_without_detect_rotation_does_not_resend_the_same_token() {
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(backend.received().len(), 1);
     assert_eq!(source.fetches(), 1);
+}
+
+#[tokio::test]
+async fn rejected_response_without_retry_layer_reaches_caller_untouched() {
+    let source = Numbered::default();
+    let backend = Backend::rejecting(&["tok-1"]);
+    let service = ServiceBuilder::new()
+        .layer(auth(&source))
+        .service(backend.service::<String>());
+
+    let request = Request::post(URL).body("once".to_owned()).unwrap();
+    let response = service.clone().oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        response.extensions().is_empty(),
+        "the response carries a trace"
+    );
+    assert_eq!(response.into_body(), "401 Unauthorized");
+
+    // The token was still dropped: the next request carries a new one.
+    let request = Request::get(URL).body(String::new()).unwrap();
+    assert_eq!(
+        service.oneshot(request).await.unwrap().status(),
+        StatusCode::OK
+    );
+    assert_eq!(backend.received()[1].token, "tok-2");
 }
