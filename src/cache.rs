@@ -179,6 +179,8 @@ pub(crate) struct Cache {
     base: Instant,
     /// The highest generation that got a response not counted as a rejection.
     confirmed: AtomicU64,
+    /// The highest generation a rejection dropped.
+    dropped: AtomicU64,
     slot: Mutex<Slot>,
     source: Arc<dyn DynSource>,
     name: Arc<str>,
@@ -204,6 +206,7 @@ impl Cache {
         let cache = Cache {
             word: Padded(AtomicU64::new(word(0, 0, UNUSABLE))),
             confirmed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             deadline: AtomicU64::new(u64::MAX),
             base: Instant::now(),
             slot: Mutex::new(Slot {
@@ -248,13 +251,9 @@ impl Cache {
         generation(self.word.0.load(Ordering::Acquire))
     }
 
-    /// Whether the cache no longer holds the token of `generation`: it was dropped, or
-    /// another one replaced it.
-    pub(crate) fn replaced(&self, generation: u64) -> bool {
-        let slot = self.lock();
-        slot.current
-            .as_ref()
-            .is_none_or(|entry| entry.snapshot.generation != generation)
+    /// Whether a rejection dropped the token of `generation` or a later one.
+    pub(crate) fn dropped_since(&self, generation: u64) -> bool {
+        self.dropped.load(Ordering::Acquire) >= generation.max(1)
     }
 
     /// Whether a response with `status` rejects the token it was sent with.
@@ -380,6 +379,7 @@ impl Cache {
             "token rejected by the server, as after a rotation; fetching a new one"
         );
         slot.current = None;
+        self.dropped.fetch_max(rejected, Ordering::AcqRel);
         self.word
             .0
             .store(word(rejected, 0, UNUSABLE), Ordering::Release);
@@ -872,6 +872,8 @@ impl CachedToken {
         Some(Watch {
             cache: Arc::clone(&self.cache),
             generation,
+            #[cfg(feature = "tower-http")]
+            sent_to: None,
         })
     }
 

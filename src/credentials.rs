@@ -283,6 +283,12 @@ impl fmt::Debug for StaticToken {
 /// credentials, and the layer's token source is not consulted for that request: it neither
 /// waits for a fetch nor fails when the source does.
 ///
+/// They travel in the request's extensions. A redirect layer that drops extensions
+/// (tower-http's standard policy does on cross-origin hops) leaves a later hop to an origin
+/// the layer accepts with the layer's own credentials; `redirect::KeepCredentialsOnOrigin`
+/// (feature `tower-http`) carries them to every hop on their origin and strips all
+/// credentials elsewhere.
+///
 /// ```
 /// use tower_twn_auth::{AccessToken, InstanceKey, TwnCredentials};
 ///

@@ -174,11 +174,39 @@ pub(crate) mod sealed {
     pub struct Watch {
         pub(crate) cache: Arc<Cache>,
         pub(crate) generation: u64,
+        /// The URI the token was sent to, to tell a redirect's answer from another origin.
+        #[cfg(feature = "tower-http")]
+        pub(crate) sent_to: Option<http::Uri>,
     }
 
     impl Watch {
+        /// Notes the URI the token goes to.
+        #[cfg(feature = "tower-http")]
+        pub(crate) fn sent_to(mut self, uri: &http::Uri) -> Self {
+            self.sent_to = Some(uri.clone());
+            self
+        }
+
+        /// Notes the URI the token goes to; only redirects need it.
+        #[cfg(not(feature = "tower-http"))]
+        pub(crate) fn sent_to(self, _uri: &http::Uri) -> Self {
+            self
+        }
+
         /// Drops the token if the response rejected it, or notes that it worked.
         pub(super) fn report<B>(self, response: &Response<B>) {
+            #[cfg(feature = "tower-http")]
+            {
+                // Behind a redirect-following layer, the answer may come from another origin,
+                // which never saw the token: it says nothing about the token.
+                use tower_http::follow_redirect::RequestUri;
+                let answered = response.extensions().get::<RequestUri>();
+                if let (Some(RequestUri(answered)), Some(sent_to)) = (answered, &self.sent_to) {
+                    if !crate::redirect::same_origin(answered, sent_to) {
+                        return;
+                    }
+                }
+            }
             if self.cache.rejects(response.status()) {
                 self.cache.invalidate(self.generation);
             } else {
@@ -220,6 +248,7 @@ where
         headers.insert(TWN_INSTANCEKEY, self.instance_key.clone());
         headers.insert(TWN_AUTHENTICATION, snapshot.value);
         let watch = self.token.watch(snapshot.generation);
+        let watch = watch.map(|watch| watch.sent_to(request.uri()));
         Poll::Ready(Ok((inner.call(request), watch)))
     }
 }

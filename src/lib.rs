@@ -64,9 +64,9 @@
 //! * The layer inside `FollowRedirect`, with a [scope](TwnAuthLayer::scope): each hop passes
 //!   through the layer, which removes the headers from hops outside the scope. Without a
 //!   scope the layer cannot know which origin was meant, and would authenticate the hop too.
-//! * `FollowRedirect` with the [`KeepCredentialsOnOrigin`](redirect::KeepCredentialsOnOrigin)
-//!   policy (feature `tower-http`), in either position: it strips the headers from the first
-//!   hop that leaves the origin on.
+//! * `FollowRedirect` with the `redirect::KeepCredentialsOnOrigin` policy (feature
+//!   `tower-http`), in either position: it strips the headers from the first hop that leaves
+//!   the origin on.
 //!
 //! tower-http's standard policy alone is not enough: it removes `Authorization` and
 //! `Cookie`, but it does not know the TWN headers.

@@ -6,7 +6,9 @@
 //! before it (another scheme, host or port; https to http on the same host counts), it
 //! removes both TWN headers and marks the request, so that a [`TwnAuth`](crate::TwnAuth)
 //! service further in does not attach them again. Removal is final: a later redirect back
-//! to the first origin does not restore them.
+//! to the first origin does not restore them. A request's own
+//! [`TwnCredentials`] go with it to every hop on its origin, even
+//! when the redirect layer is told not to preserve extensions.
 //!
 //! ```
 //! use tower::ServiceBuilder;
@@ -27,7 +29,7 @@ use http::uri::Scheme;
 use http::{Request, Uri};
 use tower_http::follow_redirect::policy::{Action, Attempt, Policy, Standard};
 
-use crate::credentials::{TWN_AUTHENTICATION, TWN_INSTANCEKEY};
+use crate::credentials::{TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY};
 use crate::service::LeftOrigin;
 
 /// Redirect policy that strips the TWN headers once a redirect leaves the origin.
@@ -35,6 +37,10 @@ use crate::service::LeftOrigin;
 pub struct KeepCredentialsOnOrigin<P = Standard> {
     inner: P,
     left_origin: bool,
+    /// The first request's own credentials, carried to later hops on its origin even when
+    /// the redirect layer does not preserve extensions.
+    own: Option<TwnCredentials>,
+    first: bool,
 }
 
 impl<P> KeepCredentialsOnOrigin<P> {
@@ -43,6 +49,8 @@ impl<P> KeepCredentialsOnOrigin<P> {
         KeepCredentialsOnOrigin {
             inner,
             left_origin: false,
+            own: None,
+            first: true,
         }
     }
 }
@@ -68,12 +76,18 @@ where
     }
 
     fn on_request(&mut self, request: &mut Request<B>) {
+        if std::mem::take(&mut self.first) {
+            self.own = request.extensions().get::<TwnCredentials>().cloned();
+        }
         self.inner.on_request(request);
         if self.left_origin {
             let headers = request.headers_mut();
             headers.remove(TWN_INSTANCEKEY);
             headers.remove(TWN_AUTHENTICATION);
             request.extensions_mut().insert(LeftOrigin);
+        } else if let Some(own) = &self.own {
+            // Still on the origin: the hop belongs to the same instance as the request.
+            request.extensions_mut().insert(own.clone());
         }
     }
 
@@ -82,7 +96,8 @@ where
     }
 }
 
-fn same_origin(a: &Uri, b: &Uri) -> bool {
+/// Whether `a` and `b` have the same scheme, host (in any case) and port.
+pub(crate) fn same_origin(a: &Uri, b: &Uri) -> bool {
     let port = |uri: &Uri| {
         uri.port_u16().or(match uri.scheme() {
             Some(s) if *s == Scheme::HTTPS => Some(443),

@@ -105,9 +105,9 @@ impl<D, E> ReplayBody for UnsyncBoxBody<D, E> {
 /// Made by [`TwnAuthLayer::retry_layer`](crate::TwnAuthLayer::retry_layer). A request is
 /// retried only when the layer attached its own token to it, the response has one of the
 /// rejection statuses given to
-/// [`detect_rotation_on`](crate::TwnAuthLayer::detect_rotation_on), and the cache has since
-/// replaced the token it held when the request set off, so that the retry carries another
-/// one. Requests outside the scope, with their own [`TwnCredentials`], or through a layer
+/// [`detect_rotation_on`](crate::TwnAuthLayer::detect_rotation_on), and rotation detection
+/// has since dropped the token the request carried, so that the retry carries another one.
+/// Requests outside the scope, with their own [`TwnCredentials`], or through a layer
 /// without [`detect_rotation`](crate::TwnAuthLayer::detect_rotation) are never retried. Each
 /// request is retried at most once: if the second attempt is rejected too, the caller gets
 /// that second response as the server sent it. Errors of the inner service are not retried.
@@ -156,9 +156,11 @@ where
         if self.retried || !self.cache.rejects(status) || !self.signs(request) {
             return None;
         }
-        // A token the cache still holds was not dropped (it is a replacement held for the
-        // backoff): sending the request again would only be rejected again.
-        if !self.cache.replaced(self.generation) {
+        // The request carried the token the cache held when it set off, or a later one.
+        // Unless a rejection dropped one of those, a second attempt would carry the same
+        // token (a replacement held for the backoff, or one rejected by another origin after
+        // a redirect) and fare no better.
+        if !self.cache.dropped_since(self.generation) {
             return None;
         }
         self.retried = true;

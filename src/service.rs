@@ -182,6 +182,7 @@ where
         match self.token.lookup() {
             Lookup::Ready(token, watch) => {
                 attach(request.headers_mut(), key, token);
+                let watch = watch.map(|watch| watch.sent_to(request.uri()));
                 ResponseFuture::called(self.inner.call(request), watch)
             }
             Lookup::Failed(error) => ResponseFuture::refused(error),

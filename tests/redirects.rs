@@ -596,3 +596,126 @@ async fn standard_policy_alone_forwards_twn_headers_on_https_to_http_downgrade_w
     let placement = Placement::AuthOutsideStandardPolicy;
     assert_downgrade(placement, auth(), "api.example.test", Twn::both()).await;
 }
+
+/// Every hop of a redirect chain: its URI, and its `TWN-InstanceKey` and `TWN-Authentication`.
+#[cfg(feature = "tower-http")]
+type Hops = Arc<Mutex<Vec<(String, Option<String>, Option<String>)>>>;
+
+/// A mock origin server for redirect chains: records every hop's URI and TWN headers, and
+/// answers `/export` with a 302 to `location`, `/login` with 401, anything else with 200.
+#[cfg(feature = "tower-http")]
+fn chain(
+    location: &'static str,
+    hops: Hops,
+) -> impl Service<
+    Request<String>,
+    Response = Response<String>,
+    Error = std::convert::Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |request: Request<String>| {
+        let header = |name: &str| {
+            request
+                .headers()
+                .get(name)
+                .map(|value| value.to_str().unwrap().to_owned())
+        };
+        hops.lock().unwrap().push((
+            request.uri().to_string(),
+            header("twn-instancekey"),
+            header("twn-authentication"),
+        ));
+        let mut response = Response::new(String::new());
+        match request.uri().path() {
+            "/export" => {
+                *response.status_mut() = StatusCode::FOUND;
+                let location = http::HeaderValue::from_static(location);
+                response
+                    .headers_mut()
+                    .insert(http::header::LOCATION, location);
+            }
+            "/login" => *response.status_mut() = StatusCode::UNAUTHORIZED,
+            _ => {}
+        }
+        async move { Ok(response) }
+    })
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn rejection_by_another_origin_after_a_redirect_keeps_the_token() {
+    let fetches = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let source = move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok(tower_twn_auth::Token::new(AccessToken::new("tok-good")?)) }
+    };
+    let auth =
+        TwnAuthLayer::with_token_source(InstanceKey::new("ik").unwrap(), source).detect_rotation();
+    let hops = Arc::default();
+    let stack = ServiceBuilder::new()
+        .layer(auth.retry_layer())
+        .layer(auth)
+        .layer(FollowRedirectLayer::with_policy(
+            KeepCredentialsOnOrigin::default(),
+        ))
+        .service(chain("https://other.example.test/login", Arc::clone(&hops)));
+
+    for _ in 0..3 {
+        let request = Request::get("https://navigator-api.tweakwise.com/export")
+            .body(String::new())
+            .unwrap();
+        let response = stack.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    // The 401 came from a hop that carried no token: nothing was dropped or replayed.
+    assert_eq!(fetches.load(std::sync::atomic::Ordering::SeqCst), 1);
+    let hops = hops.lock().unwrap().clone();
+    assert_eq!(hops.len(), 6, "{hops:?}");
+    for pair in hops.chunks(2) {
+        assert_eq!(pair[0].2.as_deref(), Some("tok-good"));
+        assert_eq!(pair[1].0, "https://other.example.test/login");
+        assert_eq!((pair[1].1.as_deref(), pair[1].2.as_deref()), (None, None));
+    }
+}
+
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn request_credentials_follow_same_origin_hops_when_extensions_are_not_preserved() {
+    let auth = TwnAuthLayer::new(
+        InstanceKey::new("ik-layer").unwrap(),
+        AccessToken::new("tok-layer").unwrap(),
+    );
+    let hops = Arc::default();
+    let redirects = FollowRedirectLayer::with_policy(KeepCredentialsOnOrigin::default())
+        .preserve_extensions(false);
+    let stack = ServiceBuilder::new()
+        .layer(redirects)
+        .layer(auth)
+        .service(chain(
+            "https://navigator-api.tweakwise.com/landing",
+            Arc::clone(&hops),
+        ));
+
+    let own = TwnCredentials::new(
+        InstanceKey::new("ik-own").unwrap(),
+        AccessToken::new("tok-own").unwrap(),
+    );
+    let request = Request::get("https://navigator-api.tweakwise.com/export")
+        .extension(own)
+        .body(String::new())
+        .unwrap();
+    let response = stack.oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::OK);
+    let hops = hops.lock().unwrap().clone();
+    assert_eq!(hops.len(), 2, "{hops:?}");
+    for (uri, key, token) in &hops {
+        assert_eq!(
+            (key.as_deref(), token.as_deref()),
+            (Some("ik-own"), Some("tok-own")),
+            "{uri}"
+        );
+    }
+}
