@@ -147,6 +147,8 @@ struct Slot {
     last_generation: u64,
     /// Waiters of the fetch under way; `Some` exactly while a fetch task runs.
     flight: Option<Vec<oneshot::Sender<Outcome>>>,
+    /// When the fetch under way started.
+    flight_started: Option<Instant>,
     /// Whether timer tasks watch `current`'s deadlines.
     armed: bool,
     /// Backoff after failed fetches, `Some` from the first failure to the next success.
@@ -213,6 +215,7 @@ impl Cache {
                 current: None,
                 last_generation: 0,
                 flight: None,
+                flight_started: None,
                 armed: false,
                 failures: None,
                 resting: None,
@@ -291,6 +294,22 @@ impl Cache {
             self.word
                 .0
                 .store(word(slot.last_generation, 0, UNUSABLE), Ordering::Release);
+        }
+
+        // A fetch past its timeout that has not answered runs on a runtime that no longer
+        // makes progress (its own timeout would have fired otherwise): start another here.
+        let patience = self
+            .options
+            .fetch_timeout
+            .saturating_add(Duration::from_secs(1));
+        let stuck = slot
+            .flight_started
+            .is_some_and(|started| now.saturating_duration_since(started) > patience);
+        if slot.flight.is_some() && stuck {
+            tracing::debug!(source = %self.name, "token fetch stuck; starting another");
+            if let Err(error) = self.start_fetch(&mut slot) {
+                return Acquire::Failed(error);
+            }
         }
 
         if slot.flight.is_none() {
@@ -410,7 +429,9 @@ impl Cache {
     /// Spawns the fetch task. The caller holds the lock and registers its own waiter after.
     fn start_fetch(self: &Arc<Self>, slot: &mut Slot) -> Result<(), Error> {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
-        slot.flight = Some(Vec::new());
+        // A fetch found stuck keeps its waiters: the new one answers them.
+        slot.flight.get_or_insert_with(Vec::new);
+        slot.flight_started = Some(Instant::now());
         let cache = Arc::clone(self);
         // The task owns the fetch: no request's cancellation reaches it.
         drop(handle.spawn(async move { cache.fetch().await }));
@@ -875,6 +896,11 @@ impl CachedToken {
             #[cfg(feature = "tower-http")]
             sent_to: None,
         })
+    }
+
+    /// Returns how long a fetch may take.
+    pub(crate) fn fetch_timeout(&self) -> Duration {
+        self.cache.options.fetch_timeout
     }
 
     /// Returns the source's name, for errors.

@@ -6,6 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
@@ -132,6 +133,9 @@ impl<F, W> fmt::Debug for ResponseFuture<F, W> {
 /// clone in its place. Dropping the future drops the wait, not the fetch.
 pub struct TokenWait<S, B> {
     rx: oneshot::Receiver<Outcome>,
+    /// When to give up waiting: a little after the fetch's own timeout, in case the fetch
+    /// runs on a runtime that no longer makes progress. `None` outside a runtime.
+    give_up: Option<Pin<Box<tokio::time::Sleep>>>,
     inner: Option<S>,
     request: Option<Request<B>>,
     instance_key: HeaderValue,
@@ -146,8 +150,14 @@ impl<S, B> TokenWait<S, B> {
         instance_key: HeaderValue,
         token: CachedToken,
     ) -> Self {
+        let patience = token.fetch_timeout().saturating_add(Duration::from_secs(1));
+        let give_up = tokio::runtime::Handle::try_current()
+            .ok()
+            .and_then(|_| tokio::time::Instant::now().checked_add(patience))
+            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         TokenWait {
             rx,
+            give_up,
             inner: Some(inner),
             request: Some(request),
             instance_key,
@@ -229,13 +239,22 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(S::Future, Option<Watch>), Error>> {
-        let outcome = match ready!(Pin::new(&mut self.rx).poll(cx)) {
-            Ok(outcome) => outcome,
+        let outcome = match Pin::new(&mut self.rx).poll(cx) {
+            Poll::Ready(Ok(outcome)) => outcome,
             // The fetch task dropped its waiters without a word, which it never does on
             // purpose; treat it as abandoned.
-            Err(_) => Err(Error::FetchAbandoned {
+            Poll::Ready(Err(_)) => Err(Error::FetchAbandoned {
                 source_name: Arc::clone(self.token.source_name()),
             }),
+            Poll::Pending => {
+                let give_up = self.give_up.as_mut().map(|sleep| sleep.as_mut().poll(cx));
+                if give_up != Some(Poll::Ready(())) {
+                    return Poll::Pending;
+                }
+                Err(Error::FetchAbandoned {
+                    source_name: Arc::clone(self.token.source_name()),
+                })
+            }
         };
         let snapshot = outcome?;
         let (Some(mut inner), Some(mut request)) = (self.inner.take(), self.request.take()) else {

@@ -849,3 +849,48 @@ fn expired_token_is_never_sent_while_the_runtime_is_too_busy_to_run_timers() {
     assert_eq!(seen.all(), ["tok-1", "tok-2"]);
     assert_eq!(source.fetches(), 2);
 }
+
+#[test]
+fn fetch_stuck_on_an_idle_runtime_fails_its_waiters_and_is_started_again_elsewhere() {
+    // The first request starts the fetch on a current-thread runtime and gives up; that
+    // runtime then stays alive but idle, so the fetch never finishes there.
+    let source = Counting::new(Duration::from_millis(50), None);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .fetch_timeout(Duration::from_millis(200));
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+    let idle = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    idle.block_on(async {
+        let first = tokio::time::timeout(Duration::from_millis(10), send(&service)).await;
+        assert!(first.is_err(), "the fetch cannot have finished in 10 ms");
+    });
+
+    let busy = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    busy.block_on(async {
+        // A waiter gives up a second past the fetch timeout instead of waiting forever.
+        let error = tokio::time::timeout(Duration::from_secs(10), send(&service))
+            .await
+            .expect("the waiter gave up")
+            .unwrap_err();
+        assert!(matches!(
+            error.downcast_ref::<Error>(),
+            Some(Error::FetchAbandoned { .. })
+        ));
+        // The next request finds the fetch stuck and starts another on this runtime.
+        tokio::time::timeout(Duration::from_secs(10), send(&service))
+            .await
+            .expect("the second fetch finished")
+            .unwrap();
+    });
+
+    assert_eq!(seen.all(), ["tok-2"]);
+    assert_eq!(source.fetches(), 2);
+    drop(idle);
+}
