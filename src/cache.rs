@@ -304,7 +304,7 @@ impl Cache {
             .saturating_add(Duration::from_secs(1));
         let stuck = slot
             .flight_started
-            .is_some_and(|started| now.saturating_duration_since(started) > patience);
+            .is_some_and(|started| now.saturating_duration_since(started) >= patience);
         if slot.flight.is_some() && stuck {
             tracing::debug!(source = %self.name, "token fetch stuck; starting another");
             if let Err(error) = self.start_fetch(&mut slot) {
@@ -896,6 +896,11 @@ impl CachedToken {
             #[cfg(feature = "tower-http")]
             sent_to: None,
         })
+    }
+
+    /// Takes the slow path: a usable token, a fetch to wait for, or why there is neither.
+    pub(crate) fn acquire(&self) -> Acquire {
+        self.cache.acquire()
     }
 
     /// Returns how long a fetch may take.

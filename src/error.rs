@@ -311,7 +311,7 @@ impl fmt::Display for Error {
             }
             Error::FetchAbandoned { source_name } => write!(
                 f,
-                "{source_name}: the fetch was abandoned when its runtime shut down"
+                "{source_name}: the fetch was abandoned; its runtime shut down or stopped"
             ),
             Error::NoRuntime => {
                 f.write_str("fetching a token needs a Tokio runtime, and none is running")

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
-use crate::cache::{Cache, CachedToken, Outcome};
+use crate::cache::{Acquire, Cache, CachedToken, Outcome};
 use crate::credentials::{TWN_AUTHENTICATION, TWN_INSTANCEKEY};
 use crate::error::Error;
 
@@ -136,6 +136,8 @@ pub struct TokenWait<S, B> {
     /// When to give up waiting: a little after the fetch's own timeout, in case the fetch
     /// runs on a runtime that no longer makes progress. `None` outside a runtime.
     give_up: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Whether the wait already started over once after giving up.
+    restarted: bool,
     inner: Option<S>,
     request: Option<Request<B>>,
     instance_key: HeaderValue,
@@ -150,20 +152,25 @@ impl<S, B> TokenWait<S, B> {
         instance_key: HeaderValue,
         token: CachedToken,
     ) -> Self {
-        let patience = token.fetch_timeout().saturating_add(Duration::from_secs(1));
-        let give_up = tokio::runtime::Handle::try_current()
-            .ok()
-            .and_then(|_| tokio::time::Instant::now().checked_add(patience))
-            .map(|at| Box::pin(tokio::time::sleep_until(at)));
         TokenWait {
             rx,
-            give_up,
+            give_up: give_up_after(token.fetch_timeout()),
+            restarted: false,
             inner: Some(inner),
             request: Some(request),
             instance_key,
             token,
         }
     }
+}
+
+/// Returns a timer for a second past `fetch_timeout`, or `None` outside a runtime.
+fn give_up_after(fetch_timeout: Duration) -> Option<Pin<Box<tokio::time::Sleep>>> {
+    let patience = fetch_timeout.saturating_add(Duration::from_secs(1));
+    tokio::runtime::Handle::try_current()
+        .ok()
+        .and_then(|_| tokio::time::Instant::now().checked_add(patience))
+        .map(|at| Box::pin(tokio::time::sleep_until(at)))
 }
 
 impl<S, B> fmt::Debug for TokenWait<S, B> {
@@ -239,21 +246,36 @@ where
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Result<(S::Future, Option<Watch>), Error>> {
-        let outcome = match Pin::new(&mut self.rx).poll(cx) {
-            Poll::Ready(Ok(outcome)) => outcome,
-            // The fetch task dropped its waiters without a word, which it never does on
-            // purpose; treat it as abandoned.
-            Poll::Ready(Err(_)) => Err(Error::FetchAbandoned {
-                source_name: Arc::clone(self.token.source_name()),
-            }),
-            Poll::Pending => {
-                let give_up = self.give_up.as_mut().map(|sleep| sleep.as_mut().poll(cx));
-                if give_up != Some(Poll::Ready(())) {
-                    return Poll::Pending;
+        let abandoned = |token: &CachedToken| Error::FetchAbandoned {
+            source_name: Arc::clone(token.source_name()),
+        };
+        let outcome = loop {
+            match Pin::new(&mut self.rx).poll(cx) {
+                Poll::Ready(Ok(outcome)) => break outcome,
+                // The fetch task dropped its waiters without a word, which it never does on
+                // purpose; treat it as abandoned.
+                Poll::Ready(Err(_)) => break Err(abandoned(&self.token)),
+                Poll::Pending => {}
+            }
+            let gave_up = self
+                .give_up
+                .as_mut()
+                .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready());
+            if !gave_up {
+                return Poll::Pending;
+            }
+            if std::mem::replace(&mut self.restarted, true) {
+                break Err(abandoned(&self.token));
+            }
+            // The fetch has not answered past its own timeout, so the runtime it runs on no
+            // longer makes progress: ask the cache again, which starts another fetch here.
+            match self.token.acquire() {
+                Acquire::Ready(snapshot) => break Ok(snapshot),
+                Acquire::Failed(error) => break Err(error),
+                Acquire::Wait(rx) => {
+                    self.rx = rx;
+                    self.give_up = give_up_after(self.token.fetch_timeout());
                 }
-                Err(Error::FetchAbandoned {
-                    source_name: Arc::clone(self.token.source_name()),
-                })
             }
         };
         let snapshot = outcome?;

@@ -851,7 +851,7 @@ fn expired_token_is_never_sent_while_the_runtime_is_too_busy_to_run_timers() {
 }
 
 #[test]
-fn fetch_stuck_on_an_idle_runtime_fails_its_waiters_and_is_started_again_elsewhere() {
+fn fetch_stuck_on_an_idle_runtime_is_started_again_by_its_waiter() {
     // The first request starts the fetch on a current-thread runtime and gives up; that
     // runtime then stays alive but idle, so the fetch never finishes there.
     let source = Counting::new(Duration::from_millis(50), None);
@@ -874,23 +874,16 @@ fn fetch_stuck_on_an_idle_runtime_fails_its_waiters_and_is_started_again_elsewhe
         .build()
         .unwrap();
     busy.block_on(async {
-        // A waiter gives up a second past the fetch timeout instead of waiting forever.
-        let error = tokio::time::timeout(Duration::from_secs(10), send(&service))
-            .await
-            .expect("the waiter gave up")
-            .unwrap_err();
-        assert!(matches!(
-            error.downcast_ref::<Error>(),
-            Some(Error::FetchAbandoned { .. })
-        ));
-        // The next request finds the fetch stuck and starts another on this runtime.
+        // The waiter gives up on the stuck fetch a second past its timeout, and has the
+        // cache start another on this runtime instead of failing or waiting forever.
         tokio::time::timeout(Duration::from_secs(10), send(&service))
             .await
-            .expect("the second fetch finished")
+            .expect("the waiter gave up on the stuck fetch")
             .unwrap();
+        send(&service).await.unwrap();
     });
 
-    assert_eq!(seen.all(), ["tok-2"]);
+    assert_eq!(seen.all(), ["tok-2", "tok-2"]);
     assert_eq!(source.fetches(), 2);
     drop(idle);
 }
