@@ -276,8 +276,8 @@ pub enum Error {
         retry_in: Option<Duration>,
     },
     /// The task that was fetching the token ended without a result, because its Tokio
-    /// runtime shut down, or gave none a second past its timeout, because that runtime no
-    /// longer makes progress. The next request starts a new fetch, or waits for that one.
+    /// runtime shut down, or still had none a second past its timeout (twice), because
+    /// that runtime no longer makes progress. The next request starts a new fetch.
     #[non_exhaustive]
     FetchAbandoned {
         /// The source's [`name`](crate::TokenSource::name).
