@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
@@ -266,7 +267,8 @@ async fn ten_concurrent_rejections_of_one_token_cause_one_fetch() {
 async fn replacement_rejected_too_returns_second_401_after_exactly_two_calls() {
     let source = Numbered::default();
     let backend = Backend::rejecting(&["tok-1", "tok-2"]);
-    let auth = auth(&source);
+    // A backoff far longer than the test, so that no clock decides its outcome.
+    let auth = auth(&source).backoff(Duration::from_secs(600), Duration::from_secs(600));
     let service = ServiceBuilder::new()
         .layer(auth.retry_layer())
         .layer(auth)
