@@ -171,19 +171,6 @@ pub(crate) enum Verdict {
     Unknown,
 }
 
-impl Verdict {
-    /// Returns the error a refused request fails with, or `None` if it is not refused.
-    pub(crate) fn refusal(self, uri: &Uri) -> Option<Error> {
-        match self {
-            Verdict::Insecure => Some(Error::InsecureDestination {
-                host: uri.host().unwrap_or_default().into(),
-            }),
-            Verdict::Unknown => Some(Error::UnknownDestination),
-            Verdict::Attach | Verdict::Strip => None,
-        }
-    }
-}
-
 /// The destination rules of a layer.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Destinations {

@@ -120,10 +120,10 @@ impl<S, P> TwnAuth<S, P> {
                 strip(request.headers_mut());
                 Route::Send
             }
-            Verdict::Insecure | Verdict::Unknown => match verdict.refusal(request.uri()) {
-                Some(error) => Route::Refuse(error),
-                None => Route::Send,
-            },
+            Verdict::Insecure => Route::Refuse(Error::InsecureDestination {
+                host: request.uri().host().unwrap_or_default().into(),
+            }),
+            Verdict::Unknown => Route::Refuse(Error::UnknownDestination),
             Verdict::Attach => match own {
                 Some((key, token)) => {
                     attach(request.headers_mut(), key, token);
