@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use http::uri::{Scheme, Uri};
 
-use crate::error::Error;
 
 /// A scheme, host and port to which credentials may be sent.
 ///
