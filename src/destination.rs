@@ -17,7 +17,6 @@ use std::sync::Arc;
 
 use http::uri::{Scheme, Uri};
 
-
 /// A scheme, host and port to which credentials may be sent.
 ///
 /// Hosts compare without regard to case; a missing port is the scheme's default (443 for
