@@ -530,15 +530,7 @@ impl Cache {
                         // that stands.
                         let snapshot = entry.snapshot.clone();
                         let generation = snapshot.generation;
-                        let seen = self.word.0.load(Ordering::Acquire);
-                        if self::generation(seen) == generation && phase(seen) == STALE {
-                            let _ = self.word.0.compare_exchange(
-                                seen,
-                                with_phase(seen, FRESH),
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
-                        }
+                        self.advance(generation, FRESH);
                         self.watch(generation, vec![(retry_at, STALE)]);
                         Ok(snapshot)
                     }
@@ -688,8 +680,11 @@ impl Cache {
             if self::generation(seen) != generation {
                 return false;
             }
+            // Only forward through the phases, except `STALE` back to `FRESH` once a refresh
+            // is taken care of; nothing leaves `UNUSABLE` but a new generation.
             let allowed = match to {
                 STALE => phase(seen) == FRESH,
+                FRESH => phase(seen) == STALE,
                 _ => phase(seen) != UNUSABLE,
             };
             if !allowed {
