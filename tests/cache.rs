@@ -142,20 +142,36 @@ async fn hundred_concurrent_requests_on_empty_cache_cause_one_fetch() {
 /// Margin 30 s, refresh-ahead 60 s, tokens valid 200 s: refresh due at 140 s, expired at
 /// 170 s (both boundaries inside), and half the usable span (85 s) is shorter than 140 s, so
 /// the refresh-ahead window alone decides.
-fn windowed() -> (Counting, TwnAuthLayer<CachedToken>) {
+///
+/// Returns the source, what the inner service saw, and a service that has sent one request,
+/// with `tok-1`.
+async fn windowed() -> (Counting, Seen, TwnAuth<Inner, CachedToken>) {
     let source = Counting::new(Duration::from_millis(50), Some(Duration::from_secs(200)));
     let layer = TwnAuthLayer::with_token_source(key(), source.clone())
         .expiry_margin(Duration::from_secs(30))
         .refresh_ahead(Duration::from_secs(60));
-    (source, layer)
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+    send(&service).await.unwrap();
+    (source, seen, service)
+}
+
+/// Checks that `after` the first fetch, a request waits for the 50 ms fetch of `tok-2`.
+async fn assert_waits_for_fresh_token(after: Duration) {
+    let (source, seen, service) = windowed().await;
+
+    advance(after).await;
+    let before = Instant::now();
+    send(&service).await.unwrap();
+
+    assert_eq!(Instant::now() - before, Duration::from_millis(50));
+    assert_eq!(seen.all(), ["tok-1", "tok-2"]);
+    assert_eq!(source.fetches(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn token_120s_from_expiry_is_sent_without_fetch() {
-    let (source, layer) = windowed();
-    let seen = Seen::default();
-    let service = service(&layer, &seen);
-    send(&service).await.unwrap();
+    let (source, seen, service) = windowed().await;
 
     advance(Duration::from_secs(80)).await;
     let before = Instant::now();
@@ -169,10 +185,7 @@ async fn token_120s_from_expiry_is_sent_without_fetch() {
 
 #[tokio::test(start_paused = true)]
 async fn token_50s_from_expiry_is_sent_at_once_while_one_background_fetch_starts() {
-    let (source, layer) = windowed();
-    let seen = Seen::default();
-    let service = service(&layer, &seen);
-    send(&service).await.unwrap();
+    let (source, seen, service) = windowed().await;
 
     advance(Duration::from_secs(150)).await;
     let before = Instant::now();
@@ -192,10 +205,7 @@ async fn token_50s_from_expiry_is_sent_at_once_while_one_background_fetch_starts
 
 #[tokio::test(start_paused = true)]
 async fn token_exactly_60s_from_expiry_counts_as_inside_refresh_window() {
-    let (source, layer) = windowed();
-    let seen = Seen::default();
-    let service = service(&layer, &seen);
-    send(&service).await.unwrap();
+    let (source, seen, service) = windowed().await;
 
     advance(Duration::from_secs(139)).await;
     send(&service).await.unwrap();
@@ -212,34 +222,13 @@ async fn token_exactly_60s_from_expiry_counts_as_inside_refresh_window() {
 
 #[tokio::test(start_paused = true)]
 async fn token_20s_from_expiry_makes_request_wait_for_fresh_one() {
-    let (source, layer) = windowed();
-    let seen = Seen::default();
-    let service = service(&layer, &seen);
-    send(&service).await.unwrap();
-
-    advance(Duration::from_secs(180)).await;
-    let before = Instant::now();
-    send(&service).await.unwrap();
-
-    assert_eq!(Instant::now() - before, Duration::from_millis(50));
-    assert_eq!(seen.all(), ["tok-1", "tok-2"]);
-    assert_eq!(source.fetches(), 2);
+    assert_waits_for_fresh_token(Duration::from_secs(180)).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn token_exactly_30s_from_expiry_counts_as_expired() {
-    let (_source, layer) = windowed();
-    let seen = Seen::default();
-    let service = service(&layer, &seen);
-    send(&service).await.unwrap();
-
     // No request comes during the refresh-ahead window, so nothing refreshes tok-1 early.
-    advance(Duration::from_secs(170)).await;
-    let before = Instant::now();
-    send(&service).await.unwrap();
-
-    assert_eq!(Instant::now() - before, Duration::from_millis(50));
-    assert_eq!(seen.all(), ["tok-1", "tok-2"]);
+    assert_waits_for_fresh_token(Duration::from_secs(170)).await;
 }
 
 #[tokio::test(start_paused = true)]

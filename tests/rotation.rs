@@ -423,55 +423,48 @@ async fn json_post_to_loopback_server_survives_rotation() {
     assert_eq!(requests[0].body, requests[1].body);
 }
 
-/// Builds the retry and auth layers over `backend`, with `configure` applied to the auth layer.
-fn retrying(
-    source: &Numbered,
-    backend: &Backend,
+/// Sends `request` through the retry layer and an auth layer shaped by `configure`, over a
+/// backend that rejects `rejected`; checks that the 401 came back untouched after exactly one
+/// inner call, and returns how many times the source was asked for a token.
+async fn assert_sent_once(
+    rejected: &str,
     configure: impl FnOnce(TwnAuthLayer<CachedToken>) -> TwnAuthLayer<CachedToken>,
-) -> impl tower::Service<
-    Request<String>,
-    Response = Response<String>,
-    Error = BoxError,
-    Future = impl Send,
-> + Clone {
+    request: Request<String>,
+) -> usize {
+    let source = Numbered::default();
+    let backend = Backend::rejecting(&[rejected]);
     let auth = configure(TwnAuthLayer::with_token_source(key(), source.clone()));
-    ServiceBuilder::new()
+    let service = ServiceBuilder::new()
         .layer(auth.retry_layer())
         .layer(auth)
-        .service(backend.service::<String>())
+        .service(backend.service::<String>());
+
+    let response = service.oneshot(request).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        response.extensions().is_empty(),
+        "the response carries a trace"
+    );
+    assert_eq!(backend.received().len(), 1, "the request was replayed");
+    source.fetches()
 }
 
 #[tokio::test]
 async fn rejection_of_request_outside_scope_is_not_replayed() {
-    let source = Numbered::default();
-    let backend = Backend::rejecting(&[""]);
     let scoped = |auth: TwnAuthLayer<CachedToken>| {
         auth.detect_rotation()
             .scope("https://navigator-api.tweakwise.com".parse().unwrap())
     };
-    let service = retrying(&source, &backend, scoped);
-
-    // The backend rejects requests without a token (an empty value is recorded for them).
+    // The backend records a request without a token with an empty one, and rejects it.
     let request = Request::post("https://third-party.example.test/charge")
         .body("once".to_owned())
         .unwrap();
-    let response = service.oneshot(request).await.unwrap();
-
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        backend.received().len(),
-        1,
-        "a request the layer did not sign was replayed"
-    );
-    assert!(response.extensions().is_empty());
+    assert_eq!(assert_sent_once("", scoped, request).await, 0);
 }
 
 #[tokio::test]
 async fn rejection_of_request_with_its_own_credentials_is_not_replayed() {
-    let source = Numbered::default();
-    let backend = Backend::rejecting(&["tok-own"]);
-    let service = retrying(&source, &backend, TwnAuthLayer::detect_rotation);
-
     let own = tower_twn_auth::TwnCredentials::new(
         InstanceKey::new("other-shop").unwrap(),
         AccessToken::new("tok-own").unwrap(),
@@ -480,25 +473,14 @@ async fn rejection_of_request_with_its_own_credentials_is_not_replayed() {
         .extension(own)
         .body("once".to_owned())
         .unwrap();
-    let response = service.oneshot(request).await.unwrap();
-
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(backend.received().len(), 1);
-    assert_eq!(source.fetches(), 0);
+    let fetches = assert_sent_once("tok-own", TwnAuthLayer::detect_rotation, request).await;
+    assert_eq!(fetches, 0);
 }
 
 #[tokio::test]
 async fn retry_layer_without_detect_rotation_does_not_resend_the_same_token() {
-    let source = Numbered::default();
-    let backend = Backend::rejecting(&["tok-1"]);
-    let service = retrying(&source, &backend, |auth| auth);
-
     let request = Request::post(URL).body("once".to_owned()).unwrap();
-    let response = service.oneshot(request).await.unwrap();
-
-    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(backend.received().len(), 1);
-    assert_eq!(source.fetches(), 1);
+    assert_eq!(assert_sent_once("tok-1", |auth| auth, request).await, 1);
 }
 
 #[tokio::test]
