@@ -822,10 +822,11 @@ impl Drop for WatchGuard {
     }
 }
 
-/// What a request gets from its service's token.
-pub(crate) enum Lookup {
+/// What a request gets from its service's token; `R` is what its response future keeps to
+/// report the answer.
+pub(crate) enum Lookup<R = Option<Watch>> {
     /// Send this token, and watch the response if rotation detection is on.
-    Ready(HeaderValue, Option<Watch>),
+    Ready(HeaderValue, R),
     /// Wait for the fetch under way; the handle makes the watch once the token is there.
     Wait(oneshot::Receiver<Outcome>, CachedToken),
     /// No token can be had now.

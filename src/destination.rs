@@ -91,10 +91,12 @@ impl Origin {
             },
         };
         let host = host.to_ascii_lowercase();
-        let mut authorities = vec![format!("{host}:{port}").into_boxed_str()];
+        // The bare host first: a request to the default port rarely spells the port out.
+        let mut authorities = Vec::with_capacity(2);
         if port == default_port(https) {
             authorities.push(host.clone().into_boxed_str());
         }
+        authorities.push(format!("{host}:{port}").into_boxed_str());
         Ok(Origin {
             https,
             host: host.into(),
@@ -178,6 +180,28 @@ pub(crate) struct Destinations {
 }
 
 impl Destinations {
+    /// Whether credentials may go with a request for `uri` by the rules that settle nearly
+    /// every request: `https` to a host, and to an origin of the scope as written there
+    /// (lowercase, without user info). `false` means [`verdict`](Self::verdict) decides.
+    ///
+    /// It runs on every request, so it compares bytes and parses nothing.
+    #[inline]
+    pub(crate) fn attach_outright(&self, uri: &Uri) -> bool {
+        if uri.scheme_str() != Some("https") {
+            return false;
+        }
+        let Some(authority) = uri.authority().map(|authority| authority.as_str()) else {
+            return false;
+        };
+        match &self.scope {
+            // `Uri` allows an empty host, and a port with no host before it.
+            None => matches!(authority.as_bytes(), [first, ..] if *first != b':'),
+            Some(scope) => scope
+                .iter()
+                .any(|origin| origin.https && origin.authorities.iter().any(|a| **a == *authority)),
+        }
+    }
+
     /// Decides, from the URI alone, whether credentials may go with a request.
     ///
     /// This runs on every request: the common case, https with no scope, reads the scheme

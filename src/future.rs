@@ -24,101 +24,139 @@ pin_project! {
     /// Resolves to the inner service's response, to its error boxed, or to an [`Error`]
     /// when the request could not be authenticated, in which case the inner service was not
     /// called. `W` is the wait for a token that a request to a token-source layer may start
-    /// with: [`TokenWait`].
-    pub struct ResponseFuture<F, W> {
+    /// with: [`TokenWait`]. `R` is what the future keeps to report the server's answer to the
+    /// cache of a token-source layer; a layer with a fixed token keeps nothing (`()`).
+    pub struct ResponseFuture<F, W, R = ()> {
         #[pin]
         state: State<F, W>,
+        // How to report the server's answer to the cache, when rotation detection is on.
+        report: R,
     }
 }
 
 pin_project! {
+    // Laid out for the request that went straight to the inner service, as nearly all do:
+    // its future, or a pointer to whatever else happened.
     #[project = StateProj]
     enum State<F, W> {
-        // Boxed: only a request that must wait for a token pays for the space it takes (the
-        // request and an inner service), and the future of every other request stays small.
-        Waiting {
-            wait: Box<W>,
-        },
         Called {
             #[pin]
             future: F,
-            watch: Option<Watch>,
         },
-        Refused {
-            error: Option<Error>,
+        Before {
+            before: Box<Before<W>>,
         },
     }
 }
 
-impl<F, W> ResponseFuture<F, W> {
-    pub(crate) fn called(future: F, watch: Option<Watch>) -> Self {
+/// The stage of a [`ResponseFuture`] whose request has not reached the inner service.
+enum Before<W> {
+    /// Waiting for a token.
+    Waiting(W),
+    /// Refused: the error, until it is returned.
+    Refused(Option<Error>),
+}
+
+impl<F, W, R: sealed::Report> ResponseFuture<F, W, R> {
+    pub(crate) fn called(future: F, report: R) -> Self {
         ResponseFuture {
-            state: State::Called { future, watch },
+            state: State::Called { future },
+            report,
         }
     }
 
     pub(crate) fn refused(error: Error) -> Self {
         ResponseFuture {
-            state: State::Refused { error: Some(error) },
+            state: State::Before {
+                before: Box::new(Before::Refused(Some(error))),
+            },
+            report: R::default(),
         }
     }
 
     pub(crate) fn waiting(wait: W) -> Self {
         ResponseFuture {
-            state: State::Waiting {
-                wait: Box::new(wait),
+            state: State::Before {
+                before: Box::new(Before::Waiting(wait)),
             },
+            report: R::default(),
         }
     }
 }
 
-impl<F, W, B, E> Future for ResponseFuture<F, W>
+impl<F, W, R, B, E> Future for ResponseFuture<F, W, R>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
     W: sealed::Wait<F>,
+    R: sealed::Report,
 {
     type Output = Result<Response<B>, BoxError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let this = self.as_mut().project();
-            match this.state.project() {
-                StateProj::Waiting { wait } => {
-                    let next = match ready!(wait.poll_call(cx)) {
-                        Ok((future, watch)) => State::Called { future, watch },
-                        Err(error) => State::Refused { error: Some(error) },
-                    };
-                    self.as_mut().project().state.set(next);
-                }
-                StateProj::Called { future, watch } => {
-                    return match ready!(future.poll(cx)) {
-                        Ok(response) => {
-                            if let Some(watch) = watch.take() {
-                                watch.report(&response);
-                            }
-                            Poll::Ready(Ok(response))
-                        }
-                        Err(error) => Poll::Ready(Err(error.into())),
-                    };
-                }
-                StateProj::Refused { error } => {
-                    return Poll::Ready(Err(match error.take() {
-                        Some(error) => error.into(),
-                        None => "response future polled after completion".into(),
-                    }))
-                }
+        let this = self.as_mut().project();
+        let StateProj::Called { future } = this.state.project() else {
+            return self.poll_before_call(cx);
+        };
+        match ready!(future.poll(cx)) {
+            Ok(response) => {
+                this.report.report(&response);
+                Poll::Ready(Ok(response))
             }
+            Err(error) => Poll::Ready(Err(error.into())),
         }
     }
 }
 
-impl<F, W> fmt::Debug for ResponseFuture<F, W> {
+impl<F, W, R, B, E> ResponseFuture<F, W, R>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    E: Into<BoxError>,
+    W: sealed::Wait<F>,
+    R: sealed::Report,
+{
+    /// Polls a future whose request has not reached the inner service: it waits for a
+    /// token, or was refused.
+    #[cold]
+    #[inline(never)]
+    fn poll_before_call(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<B>, BoxError>> {
+        let mut this = self.as_mut().project();
+        let StateProj::Before { before } = this.state.as_mut().project() else {
+            return self.poll(cx);
+        };
+        match &mut **before {
+            Before::Waiting(wait) => match ready!(wait.poll_call(cx)) {
+                Ok((future, watch)) => {
+                    // The wait handed its request and inner service over: drop what is left.
+                    this.state.set(State::Called { future });
+                    *this.report = R::from_watch(watch);
+                    self.poll(cx)
+                }
+                Err(error) => {
+                    **before = Before::Refused(None);
+                    Poll::Ready(Err(error.into()))
+                }
+            },
+            Before::Refused(error) => Poll::Ready(Err(match error.take() {
+                Some(error) => error.into(),
+                None => "response future polled after completion".into(),
+            })),
+        }
+    }
+}
+
+impl<F, W, R> fmt::Debug for ResponseFuture<F, W, R> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
-            State::Waiting { .. } => "waiting for a token",
             State::Called { .. } => "called",
-            State::Refused { .. } => "refused",
+            State::Before { before } => match **before {
+                Before::Waiting(_) => "waiting for a token",
+                Before::Refused(_) => "refused",
+            },
         };
         f.debug_struct("ResponseFuture")
             .field("state", &state)
@@ -229,6 +267,51 @@ pub(crate) mod sealed {
             } else {
                 self.cache.confirm(self.generation);
             }
+        }
+    }
+
+    /// What a response future keeps to report how the server answered its token: `()` for a
+    /// fixed token, which has no one to tell, and an optional [`Watch`] for a cached one.
+    ///
+    /// Keeping nothing for a fixed token lets its futures compile down to the inner
+    /// service's future and a check that the request was called.
+    pub trait Report: Default {
+        /// Notes the URI the token goes to.
+        fn sent_to(self, uri: &http::Uri) -> Self;
+
+        /// Tells the cache what `response` says of the token, at most once.
+        fn report<B>(&mut self, response: &Response<B>);
+
+        /// Takes the watch of a request that waited for a token. Only a cached token makes
+        /// requests wait, so `()` never receives one.
+        fn from_watch(watch: Option<Watch>) -> Self;
+    }
+
+    impl Report for () {
+        #[inline]
+        fn sent_to(self, _uri: &http::Uri) -> Self {}
+
+        #[inline]
+        fn report<B>(&mut self, _response: &Response<B>) {}
+
+        fn from_watch(_watch: Option<Watch>) -> Self {}
+    }
+
+    impl Report for Option<Watch> {
+        #[inline]
+        fn sent_to(self, uri: &http::Uri) -> Self {
+            self.map(|watch| watch.sent_to(uri))
+        }
+
+        #[inline]
+        fn report<B>(&mut self, response: &Response<B>) {
+            if let Some(watch) = self.take() {
+                watch.report(response);
+            }
+        }
+
+        fn from_watch(watch: Option<Watch>) -> Self {
+            watch
         }
     }
 

@@ -6,6 +6,8 @@
 
 use crate::cache::{CachedToken, Lookup};
 use crate::credentials::StaticToken;
+use crate::future::sealed::Report;
+use crate::future::Watch;
 
 /// How a [`TwnAuth`](crate::TwnAuth) service gets its token: [`StaticToken`] for a layer built
 /// with [`TwnAuthLayer::new`](crate::TwnAuthLayer::new), [`CachedToken`] for one built with a
@@ -31,18 +33,26 @@ pub(crate) mod sealed {
     use super::*;
 
     pub trait Provide: Clone + Send + Sync + std::fmt::Debug + 'static {
+        /// What a response future keeps to report the server's answer to the token.
+        type Report: Report + Send + Sync + 'static;
+
         /// Returns the token for a request.
-        fn lookup(&mut self) -> Lookup;
+        fn lookup(&mut self) -> Lookup<Self::Report>;
     }
 }
 
 impl sealed::Provide for StaticToken {
-    fn lookup(&mut self) -> Lookup {
-        Lookup::Ready(self.0.header_value().clone(), None)
+    type Report = ();
+
+    #[inline]
+    fn lookup(&mut self) -> Lookup<()> {
+        Lookup::Ready(self.0.header_value().clone(), ())
     }
 }
 
 impl sealed::Provide for CachedToken {
+    type Report = Option<Watch>;
+
     fn lookup(&mut self) -> Lookup {
         CachedToken::lookup(self)
     }

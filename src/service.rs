@@ -15,8 +15,10 @@ use crate::credentials::{
 };
 use crate::destination::{Destinations, Verdict};
 use crate::error::Error;
+use crate::future::sealed::Report;
 use crate::future::{ResponseFuture, TokenWait};
 use crate::layer::TwnAuthLayer;
+use crate::provider::sealed::Provide;
 use crate::provider::TokenProvider;
 
 /// What every clone of a layer's services shares, fixed when the layer is built.
@@ -97,21 +99,17 @@ enum Route {
 
 impl<S, P> TwnAuth<S, P> {
     /// Applies the destination rules and any per-request credentials to `request`.
+    #[inline(never)]
     fn route<B>(&self, request: &mut Request<B>) -> Route {
         let verdict = self.shared.destinations.verdict(request.uri());
-        let mut own = None;
-        let mut left_origin = false;
         let extensions = request.extensions();
-        // Most requests carry no extensions at all; look nothing up for them.
-        if !extensions.is_empty() {
-            left_origin = extensions.get::<LeftOrigin>().is_some();
-            own = extensions.get::<TwnCredentials>().map(|own| {
-                (
-                    own.instance_key.header_value().clone(),
-                    own.access_token.header_value().clone(),
-                )
-            });
-        }
+        let left_origin = extensions.get::<LeftOrigin>().is_some();
+        let own = extensions.get::<TwnCredentials>().map(|own| {
+            (
+                own.instance_key.header_value().clone(),
+                own.access_token.header_value().clone(),
+            )
+        });
 
         match verdict {
             // A redirect took the request away from its origin: whatever the destination, it
@@ -146,7 +144,7 @@ fn strip(headers: &mut HeaderMap) {
 }
 
 /// Sets both headers; `insert` replaces every value already there, so each leaves once.
-#[inline]
+#[inline(always)]
 fn attach(headers: &mut HeaderMap, key: HeaderValue, token: HeaderValue) {
     headers.insert(TWN_INSTANCEKEY, key);
     headers.insert(TWN_AUTHENTICATION, token);
@@ -160,7 +158,7 @@ where
 {
     type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, TokenWait<S, B>>;
+    type Future = ResponseFuture<S::Future, TokenWait<S, B>, <P as Provide>::Report>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -171,19 +169,28 @@ where
     /// A request that must wait (only with a token source) takes the inner service this
     /// instance readied with it and leaves a clone in its place, since the wait may outlive
     /// this call.
+    #[inline]
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        match self.route(&mut request) {
-            Route::Refuse(error) => return ResponseFuture::refused(error),
-            Route::Send => return ResponseFuture::called(self.inner.call(request), None),
-            Route::Attach => {}
+        // Nearly every request carries no extensions and goes where the credentials may: it
+        // needs nothing more than the two inserts.
+        let outright = request.extensions().is_empty()
+            && self.shared.destinations.attach_outright(request.uri());
+        if !outright {
+            match self.route(&mut request) {
+                Route::Refuse(error) => return ResponseFuture::refused(error),
+                Route::Send => {
+                    return ResponseFuture::called(self.inner.call(request), Default::default())
+                }
+                Route::Attach => {}
+            }
         }
 
         let key = self.shared.instance_key.header_value().clone();
         match self.token.lookup() {
-            Lookup::Ready(token, watch) => {
+            Lookup::Ready(token, report) => {
                 attach(request.headers_mut(), key, token);
-                let watch = watch.map(|watch| watch.sent_to(request.uri()));
-                ResponseFuture::called(self.inner.call(request), watch)
+                let report = report.sent_to(request.uri());
+                ResponseFuture::called(self.inner.call(request), report)
             }
             Lookup::Failed(error) => ResponseFuture::refused(error),
             Lookup::Wait(rx, handle) => {
