@@ -53,6 +53,7 @@ impl sealed::Provide for StaticToken {
 impl sealed::Provide for CachedToken {
     type Report = Option<Watch>;
 
+    #[inline]
     fn lookup(&mut self) -> Lookup {
         CachedToken::lookup(self)
     }
