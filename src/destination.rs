@@ -275,4 +275,107 @@ mod tests {
             assert!(!is_loopback(host), "{host}");
         }
     }
+
+    /// Every rule set a layer can have: scope or not, plain http allowed or not.
+    fn rule_sets() -> Vec<Destinations> {
+        let scopes: [Option<&[&str]>; 4] = [
+            None,
+            Some(&["https://navigator-api.tweakwise.com"]),
+            Some(&[
+                "https://Navigator-API.tweakwise.com:8443",
+                "http://127.0.0.1:8080",
+            ]),
+            Some(&["http://api.example.test", "https://[::1]"]),
+        ];
+        let mut sets = Vec::new();
+        for scope in scopes {
+            for allow_plain_http in [false, true] {
+                sets.push(Destinations {
+                    allow_plain_http,
+                    allow_relative: false,
+                    scope: scope.map(|origins| {
+                        origins
+                            .iter()
+                            .map(|origin| Origin::new(origin).expect("a valid origin"))
+                            .collect()
+                    }),
+                });
+            }
+        }
+        sets
+    }
+
+    /// The URIs the fast check must not get wrong: every spelling of scheme, user info,
+    /// host and port it could mistake for another.
+    const URIS: &[&str] = &[
+        "https://navigator-api.tweakwise.com/stats/totalproducts",
+        "https://navigator-api.tweakwise.com:443/",
+        "https://navigator-api.tweakwise.com:8443/",
+        "https://NAVIGATOR-API.tweakwise.com/",
+        "HTTPS://navigator-api.tweakwise.com/",
+        "https://user@navigator-api.tweakwise.com/",
+        "https://navigator-api.tweakwise.com@evil.example.test/",
+        "https://navigator-api.tweakwise.com.evil.example.test/",
+        "https://navigator-api.tweakwise.com./",
+        "https://evil.example.test/?https://navigator-api.tweakwise.com",
+        "https://:443/",
+        "https://[::1]/",
+        "https://[::1]:443/",
+        "http://navigator-api.tweakwise.com/",
+        "http://127.0.0.1:8080/",
+        "https://127.0.0.1:8080/",
+        "http://api.example.test/",
+        "http://api.example.test:80/",
+        "ws://navigator-api.tweakwise.com/",
+        "/stats/totalproducts",
+    ];
+
+    #[test]
+    fn the_fast_check_attaches_only_where_the_full_rules_attach() {
+        let mut fast = 0;
+        for rules in rule_sets() {
+            for text in URIS {
+                let uri: Uri = text.parse().expect("a valid URI");
+                if rules.attach_outright(&uri) {
+                    fast += 1;
+                    assert_eq!(
+                        rules.verdict(&uri),
+                        Verdict::Attach,
+                        "{text} with {rules:?}"
+                    );
+                }
+            }
+        }
+        // It must also take the requests it is there for, or the loop checks nothing. With
+        // each rule set twice (plain http allowed or not): no scope, the 13 https URIs with a
+        // host (`https://:443/` has none); one scope, the 3 spellings of its origin; the
+        // next, its port spelled out; the last, `[::1]` with and without its port.
+        assert_eq!(fast, 2 * (13 + 3 + 1 + 2));
+    }
+
+    #[test]
+    fn the_fast_check_takes_the_common_requests() {
+        let [no_scope, _, scoped, ..] = &rule_sets()[..] else {
+            panic!("rule_sets returns eight sets");
+        };
+        let api: Uri = "https://navigator-api.tweakwise.com/stats/totalproducts"
+            .parse()
+            .expect("a valid URI");
+        assert!(no_scope.attach_outright(&api));
+        assert!(scoped.attach_outright(&api));
+        let port: Uri = "https://navigator-api.tweakwise.com:443/"
+            .parse()
+            .expect("a valid URI");
+        assert!(scoped.attach_outright(&port));
+        // What the fast check leaves to the full rules: other spellings, other origins.
+        for text in [
+            "https://NAVIGATOR-API.tweakwise.com/",
+            "https://user@navigator-api.tweakwise.com/",
+            "https://other.example.test/",
+            "http://127.0.0.1:8080/",
+        ] {
+            let uri: Uri = text.parse().expect("a valid URI");
+            assert!(!scoped.attach_outright(&uri), "{text}");
+        }
+    }
 }

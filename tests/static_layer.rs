@@ -308,6 +308,55 @@ async fn debug_of_response_future_shows_no_secret() {
     future.await.unwrap();
 }
 
+#[tokio::test]
+async fn response_future_debug_names_its_state() {
+    let mut service = layer().layer(tower::service_fn(echo::<()>));
+    let called = service.ready().await.unwrap().call(request());
+    assert_eq!(
+        format!("{called:?}"),
+        r#"ResponseFuture { state: "called" }"#
+    );
+
+    let plain = Request::get("http://api.example.test/").body(()).unwrap();
+    let refused = service.ready().await.unwrap().call(plain);
+    assert_eq!(
+        format!("{refused:?}"),
+        r#"ResponseFuture { state: "refused" }"#
+    );
+
+    // A token source that never answers keeps the request waiting.
+    let key = InstanceKey::new(KEY).unwrap();
+    let never = || std::future::pending::<Result<tower_twn_auth::Token, BoxError>>();
+    let mut service =
+        TwnAuthLayer::with_token_source(key, never).layer(tower::service_fn(echo::<()>));
+    let waiting = service.ready().await.unwrap().call(request());
+    assert_eq!(
+        format!("{waiting:?}"),
+        r#"ResponseFuture { state: "waiting for a token" }"#
+    );
+}
+
+#[tokio::test]
+async fn refused_future_returns_its_error_once_then_an_error_not_a_panic() {
+    let mut service = layer().layer(tower::service_fn(echo::<()>));
+    let plain = Request::get("http://api.example.test/").body(()).unwrap();
+    let mut future = service.ready().await.unwrap().call(plain);
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+
+    let Poll::Ready(Err(first)) = std::pin::Pin::new(&mut future).poll(&mut cx) else {
+        panic!("a refused request fails at once");
+    };
+    assert!(matches!(
+        first.downcast_ref::<Error>(),
+        Some(Error::InsecureDestination { .. })
+    ));
+    let Poll::Ready(Err(again)) = std::pin::Pin::new(&mut future).poll(&mut cx) else {
+        panic!("polling a finished refused future fails again");
+    };
+    assert!(again.downcast_ref::<Error>().is_none());
+    assert!(again.to_string().contains("after completion"), "{again}");
+}
+
 #[test]
 fn debug_and_display_of_credential_errors_show_no_secret() {
     let key_error: InvalidCredential = InstanceKey::new("ik-canary-5Qf9Zt\r\nX: 1").unwrap_err();
