@@ -204,8 +204,9 @@ impl Destinations {
 
     /// Decides, from the URI alone, whether credentials may go with a request.
     ///
-    /// This runs on every request: the common case, https with no scope, reads the scheme
-    /// and nothing else, and a scope compares the authority as it stands.
+    /// It runs for the requests [`attach_outright`](Self::attach_outright) does not settle:
+    /// those with extensions, other schemes, and authorities spelled otherwise than the
+    /// scope's.
     #[inline]
     pub(crate) fn verdict(&self, uri: &Uri) -> Verdict {
         // `http` stores the two standard schemes in lowercase, whatever the request said.

@@ -15,8 +15,10 @@ use tower::BoxError;
 use tower_service::Service;
 
 use crate::cache::{Acquire, Cache, CachedToken, Outcome};
-use crate::credentials::{TWN_AUTHENTICATION, TWN_INSTANCEKEY};
+use crate::credentials::{StaticToken, TWN_AUTHENTICATION, TWN_INSTANCEKEY};
 use crate::error::Error;
+use crate::provider::sealed::Provide;
+use crate::provider::TokenProvider;
 
 pin_project! {
     /// Response future of [`TwnAuth`](crate::TwnAuth).
@@ -24,13 +26,15 @@ pin_project! {
     /// Resolves to the inner service's response, to its error boxed, or to an [`Error`]
     /// when the request could not be authenticated, in which case the inner service was not
     /// called. `W` is the wait for a token that a request to a token-source layer may start
-    /// with: [`TokenWait`]. `R` is what the future keeps to report the server's answer to the
-    /// cache of a token-source layer; a layer with a fixed token keeps nothing (`()`).
-    pub struct ResponseFuture<F, W, R = ()> {
+    /// with: [`TokenWait`]. `P` is where the layer's token comes from, as in
+    /// [`TwnAuth`](crate::TwnAuth): a future of a layer with a token source is a
+    /// `ResponseFuture<F, W, CachedToken>`.
+    pub struct ResponseFuture<F, W, P: TokenProvider = StaticToken> {
         #[pin]
         state: State<F, W>,
-        // How to report the server's answer to the cache, when rotation detection is on.
-        report: R,
+        // How to report the server's answer to the cache, when rotation detection is on;
+        // nothing for a fixed token.
+        report: <P as Provide>::Report,
     }
 }
 
@@ -57,8 +61,8 @@ enum Before<W> {
     Refused(Option<Error>),
 }
 
-impl<F, W, R: sealed::Report> ResponseFuture<F, W, R> {
-    pub(crate) fn called(future: F, report: R) -> Self {
+impl<F, W, P: TokenProvider> ResponseFuture<F, W, P> {
+    pub(crate) fn called(future: F, report: P::Report) -> Self {
         ResponseFuture {
             state: State::Called { future },
             report,
@@ -70,7 +74,7 @@ impl<F, W, R: sealed::Report> ResponseFuture<F, W, R> {
             state: State::Before {
                 before: Box::new(Before::Refused(Some(error))),
             },
-            report: R::default(),
+            report: Default::default(),
         }
     }
 
@@ -79,17 +83,17 @@ impl<F, W, R: sealed::Report> ResponseFuture<F, W, R> {
             state: State::Before {
                 before: Box::new(Before::Waiting(wait)),
             },
-            report: R::default(),
+            report: Default::default(),
         }
     }
 }
 
-impl<F, W, R, B, E> Future for ResponseFuture<F, W, R>
+impl<F, W, P, B, E> Future for ResponseFuture<F, W, P>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
     W: sealed::Wait<F>,
-    R: sealed::Report,
+    P: TokenProvider,
 {
     type Output = Result<Response<B>, BoxError>;
 
@@ -101,7 +105,7 @@ where
         };
         match ready!(future.poll(cx)) {
             Ok(response) => {
-                this.report.report(&response);
+                sealed::Report::report(this.report, &response);
                 Poll::Ready(Ok(response))
             }
             Err(error) => Poll::Ready(Err(error.into())),
@@ -109,12 +113,12 @@ where
     }
 }
 
-impl<F, W, R, B, E> ResponseFuture<F, W, R>
+impl<F, W, P, B, E> ResponseFuture<F, W, P>
 where
     F: Future<Output = Result<Response<B>, E>>,
     E: Into<BoxError>,
     W: sealed::Wait<F>,
-    R: sealed::Report,
+    P: TokenProvider,
 {
     /// Polls a future whose request has not reached the inner service: it waits for a
     /// token, or was refused.
@@ -133,7 +137,7 @@ where
                 Ok((future, watch)) => {
                     // The wait handed its request and inner service over: drop what is left.
                     this.state.set(State::Called { future });
-                    *this.report = R::from_watch(watch);
+                    *this.report = sealed::Report::from_watch(watch);
                     self.poll(cx)
                 }
                 Err(error) => {
@@ -149,7 +153,7 @@ where
     }
 }
 
-impl<F, W, R> fmt::Debug for ResponseFuture<F, W, R> {
+impl<F, W, P: TokenProvider> fmt::Debug for ResponseFuture<F, W, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Called { .. } => "called",

@@ -18,7 +18,6 @@ use crate::error::Error;
 use crate::future::sealed::Report;
 use crate::future::{ResponseFuture, TokenWait};
 use crate::layer::TwnAuthLayer;
-use crate::provider::sealed::Provide;
 use crate::provider::TokenProvider;
 
 /// What every clone of a layer's services shares, fixed when the layer is built.
@@ -158,7 +157,7 @@ where
 {
     type Response = Response<ResB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, TokenWait<S, B>, <P as Provide>::Report>;
+    type Future = ResponseFuture<S::Future, TokenWait<S, B>, P>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)

@@ -19,8 +19,8 @@ use tower::limit::ConcurrencyLimit;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_test::mock;
 use tower_twn_auth::{
-    AccessToken, Error, InstanceKey, InvalidCredential, LoadError, ResponseFuture, TwnAuth,
-    TwnAuthLayer, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
+    AccessToken, CachedToken, Error, InstanceKey, InvalidCredential, LoadError, ResponseFuture,
+    TwnAuth, TwnAuthLayer, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
 };
 
 const KEY: &str = "ik-3f8c1a2b";
@@ -329,7 +329,7 @@ async fn response_future_debug_names_its_state() {
     let never = || std::future::pending::<Result<tower_twn_auth::Token, BoxError>>();
     let mut service =
         TwnAuthLayer::with_token_source(key, never).layer(tower::service_fn(echo::<()>));
-    let waiting = service.ready().await.unwrap().call(request());
+    let waiting: ResponseFuture<_, _, CachedToken> = service.ready().await.unwrap().call(request());
     assert_eq!(
         format!("{waiting:?}"),
         r#"ResponseFuture { state: "waiting for a token" }"#
@@ -770,6 +770,7 @@ fn auto_traits_follow_the_inner_service<S: Send + Sync + Clone, F: Send, B: Send
     assert_send_sync_clone::<TwnAuthLayer>();
     assert_send_sync_clone::<TwnAuth<S>>();
     assert_send_type::<ResponseFuture<F, tower_twn_auth::future::TokenWait<S, B>>>();
+    assert_send_type::<ResponseFuture<F, tower_twn_auth::future::TokenWait<S, B>, CachedToken>>();
 }
 
 #[tokio::test]
