@@ -105,6 +105,13 @@ impl Origin {
         })
     }
 
+    /// Whether `authority` is this `https` origin written exactly as the origin stores it:
+    /// lowercase, without user info, with or without the default port.
+    #[inline]
+    fn spelled(&self, authority: &str) -> bool {
+        self.https && self.authorities.iter().any(|known| **known == *authority)
+    }
+
     /// Whether a request for `uri`, whose scheme is `https` or not, goes to this origin.
     fn matches(&self, https: bool, uri: &Uri) -> bool {
         if self.https != https {
@@ -194,11 +201,8 @@ impl Destinations {
             return false;
         };
         match &self.scope {
-            // `Uri` allows an empty host, and a port with no host before it.
-            None => matches!(authority.as_bytes(), [first, ..] if *first != b':'),
-            Some(scope) => scope
-                .iter()
-                .any(|origin| origin.https && origin.authorities.iter().any(|a| **a == *authority)),
+            None => names_a_host(authority),
+            Some(scope) => scope.iter().any(|origin| origin.spelled(authority)),
         }
     }
 
@@ -219,13 +223,9 @@ impl Destinations {
             None => return Verdict::Unknown,
         };
         if https && self.scope.is_none() {
-            // Only the host's presence is left to check; `Uri` allows an empty one. (Behind
-            // user info an empty host goes unnoticed here, but such a request reaches no one.)
-            return match uri
-                .authority()
-                .map(|authority| authority.as_str().as_bytes())
-            {
-                Some([first, ..]) if *first != b':' => Verdict::Attach,
+            // Only the host's presence is left to check.
+            return match uri.authority() {
+                Some(authority) if names_a_host(authority.as_str()) => Verdict::Attach,
                 _ => Verdict::Unknown,
             };
         }
@@ -244,6 +244,14 @@ impl Destinations {
             _ => Verdict::Unknown,
         }
     }
+}
+
+/// Whether `authority` starts with a host: `Uri` allows an empty one, and a port with no
+/// host before it. (Behind user info an empty host goes unnoticed, but such a request
+/// reaches no one.)
+#[inline]
+fn names_a_host(authority: &str) -> bool {
+    matches!(authority.as_bytes(), [first, ..] if *first != b':')
 }
 
 /// Whether `host` (as `Uri::host` gives it, IPv6 in brackets) is this machine.
