@@ -184,15 +184,16 @@ where
             }
         }
 
-        let key = self.shared.instance_key.header_value().clone();
         match self.token.lookup() {
             Lookup::Ready(token, report) => {
+                let key = self.shared.instance_key.header_value().clone();
                 attach(request.headers_mut(), key, token);
                 let report = report.sent_to(request.uri());
                 ResponseFuture::called(self.inner.call(request), report)
             }
             Lookup::Failed(error) => ResponseFuture::refused(error),
             Lookup::Wait(rx, handle) => {
+                let key = self.shared.instance_key.header_value().clone();
                 let clone = self.inner.clone();
                 let readied = std::mem::replace(&mut self.inner, clone);
                 ResponseFuture::waiting(TokenWait::new(rx, readied, request, key, handle))
