@@ -25,8 +25,11 @@ pin_project! {
     ///
     /// Resolves to the inner service's response, to its error boxed, or to an [`Error`]
     /// when the request could not be authenticated, in which case the inner service was not
-    /// called. `W` is the wait for a token that a request to a token-source layer may start
-    /// with: [`TokenWait`]. `P` is where the layer's token comes from, as in
+    /// called. Polled again after returning that error, it returns a plain boxed error
+    /// saying so, rather than panicking.
+    ///
+    /// `W` is the wait for a token that a request to a token-source layer may start with:
+    /// [`TokenWait`]. `P` is where the layer's token comes from, as in
     /// [`TwnAuth`](crate::TwnAuth): a future of a layer with a token source is a
     /// `ResponseFuture<F, W, CachedToken>`.
     pub struct ResponseFuture<F, W, P: TokenProvider = StaticToken> {

@@ -357,6 +357,12 @@ impl<P> TwnAuthLayer<P> {
     /// host they were not meant for. Scoping is also what keeps credentials on their origin
     /// when a redirect-following layer sits outside this one; see the crate docs.
     ///
+    /// An origin is a scheme, a host and a port, compared without case and with default
+    /// ports filled in; user info in a URI plays no part. So once a layer is scoped, a plain
+    /// `http` request, even to a scoped host, is a request to another origin: it is sent
+    /// without the headers rather than refused, and the layer stays out of the way of the
+    /// client's other traffic.
+    ///
     /// ```
     /// use tower_twn_auth::{AccessToken, InstanceKey, Origin, TwnAuthLayer};
     ///
