@@ -139,8 +139,14 @@ fn bare() -> impl Variant {
 
 /// The floor: two inserts of prebuilt values whose bytes are `'static`.
 fn floor() -> impl Variant {
-    let key = HeaderValue::from_static(KEY);
-    let token = HeaderValue::from_static(TOKEN);
+    two_inserts(
+        HeaderValue::from_static(KEY),
+        HeaderValue::from_static(TOKEN),
+    )
+}
+
+/// `MapRequest` inserting clones of `key` and `token` into every request.
+fn two_inserts(key: HeaderValue, token: HeaderValue) -> impl Variant {
     MapRequest::new(Ready, move |mut request: Request<()>| {
         let headers = request.headers_mut();
         headers.insert(INSTANCE_KEY, key.clone());
@@ -155,16 +161,10 @@ fn floor() -> impl Variant {
 fn floor_shared() -> impl Variant {
     let key = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(KEY.as_bytes()));
     let token = HeaderValue::from_maybe_shared(bytes::Bytes::copy_from_slice(TOKEN.as_bytes()));
-    let (key, token) = (
+    two_inserts(
         key.expect("KEY is a header value"),
         token.expect("TOKEN too"),
-    );
-    MapRequest::new(Ready, move |mut request: Request<()>| {
-        let headers = request.headers_mut();
-        headers.insert(INSTANCE_KEY, key.clone());
-        headers.insert(AUTHENTICATION, token.clone());
-        request
-    })
+    )
 }
 
 fn tower_http_twice() -> impl Variant {

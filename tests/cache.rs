@@ -101,6 +101,15 @@ async fn send(service: &TwnAuth<Inner, CachedToken>) -> Result<Response<()>, Box
     service.clone().oneshot(request()).await
 }
 
+/// Sends a request that must fail with this crate's [`Error`], and returns the error.
+async fn send_failing(service: &TwnAuth<Inner, CachedToken>) -> Error {
+    let error = send(service).await.expect_err("the request fails");
+    error
+        .downcast_ref::<Error>()
+        .expect("a tower_twn_auth::Error")
+        .clone()
+}
+
 /// Moves the paused clock, then lets the cache's timer and fetch tasks run.
 async fn advance(by: Duration) {
     tokio::time::advance(by).await;
@@ -487,17 +496,14 @@ async fn failed_fetch_without_token_fails_waiters_then_next_request_retries_afte
     let seen = Seen::default();
     let service = service(&layer, &seen);
 
-    let error = send(&service).await.unwrap_err();
-    let error = error
-        .downcast_ref::<Error>()
-        .expect("a tower_twn_auth::Error");
+    let error = send_failing(&service).await;
     assert!(matches!(error, Error::Fetch { .. }));
     assert!(error.to_string().contains("script"), "{error}");
     assert!(
         error.to_string().contains("secret store unavailable"),
         "{error}"
     );
-    assert!(std::error::Error::source(error).is_some());
+    assert!(std::error::Error::source(&error).is_some());
 
     // Within the backoff: fail fast, no fetch.
     let error = send(&service).await.unwrap_err();
@@ -524,10 +530,7 @@ async fn invalid_token_from_source_is_an_error_never_a_header() {
     let seen = Seen::default();
     let service = service(&layer, &seen);
 
-    let error = send(&service).await.unwrap_err();
-    let error = error
-        .downcast_ref::<Error>()
-        .expect("a tower_twn_auth::Error");
+    let error = send_failing(&service).await;
     assert!(error.to_string().contains("TWN-Authentication"), "{error}");
     assert!(!error.to_string().contains("bad"), "{error}");
     assert!(seen.all().is_empty());
@@ -551,10 +554,7 @@ async fn panicking_source_is_a_failure_backed_off_like_any_other() {
     let seen = Seen::default();
     let service = service(&layer, &seen);
 
-    let error = send(&service).await.unwrap_err();
-    let error = error
-        .downcast_ref::<Error>()
-        .expect("a tower_twn_auth::Error");
+    let error = send_failing(&service).await;
     assert!(matches!(error, Error::Fetch { .. }), "{error:?}");
     assert!(error.to_string().contains("panicked"), "{error}");
 

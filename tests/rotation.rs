@@ -10,9 +10,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+use tower::retry::Retry;
 use tower::{BoxError, ServiceBuilder, ServiceExt};
 use tower_twn_auth::{
-    AccessToken, CachedToken, FileSource, InstanceKey, ReplayBody, Token, TokenSource, TwnAuthLayer,
+    AccessToken, CachedToken, FileSource, InstanceKey, ReplayBody, RetryRejected, Token,
+    TokenSource, TwnAuth, TwnAuthLayer,
 };
 
 const URL: &str = "https://navigator-api.tweakwise.com/catalog/products";
@@ -131,6 +133,17 @@ fn auth(source: &Numbered) -> TwnAuthLayer<CachedToken> {
     TwnAuthLayer::with_token_source(key(), source.clone()).detect_rotation()
 }
 
+/// `auth` over `inner`, with its retry layer outside it, as the docs place them.
+fn retrying<S>(
+    auth: TwnAuthLayer<CachedToken>,
+    inner: S,
+) -> Retry<RetryRejected, TwnAuth<S, CachedToken>> {
+    ServiceBuilder::new()
+        .layer(auth.retry_layer())
+        .layer(auth)
+        .service(inner)
+}
+
 fn post(body: &'static str) -> Request<Full<Bytes>> {
     Request::post(URL)
         .header("content-type", "application/json")
@@ -144,10 +157,7 @@ async fn rejected_token_is_replaced_and_request_replayed_with_identical_body() {
     let source = Numbered::default();
     let backend = Backend::rejecting(&["tok-1"]);
     let auth = auth(&source);
-    let service = ServiceBuilder::new()
-        .layer(auth.retry_layer())
-        .layer(auth)
-        .service(backend.service::<Full<Bytes>>());
+    let service = retrying(auth, backend.service::<Full<Bytes>>());
 
     let response = service.oneshot(post(r#"{"sku":"A-1"}"#)).await.unwrap();
 
@@ -176,10 +186,7 @@ async fn streaming_body_is_sent_once_and_next_request_carries_new_token() {
     let source = Numbered::default();
     let backend = Backend::rejecting(&["tok-1"]);
     let auth = auth(&source);
-    let service = ServiceBuilder::new()
-        .layer(auth.retry_layer())
-        .layer(auth)
-        .service(backend.service::<BoxBody<Bytes, Infallible>>());
+    let service = retrying(auth, backend.service::<BoxBody<Bytes, Infallible>>());
 
     let stream = futures_stream(vec!["chunk-1", "chunk-2"]);
     let request = Request::post(URL).body(stream).unwrap();
@@ -239,10 +246,7 @@ async fn ten_concurrent_rejections_of_one_token_cause_one_fetch() {
     let mut backend = Backend::rejecting(&["tok-1"]);
     backend.barrier = Some(Arc::new(tokio::sync::Barrier::new(10)));
     let auth = auth(&source);
-    let service = ServiceBuilder::new()
-        .layer(auth.retry_layer())
-        .layer(auth)
-        .service(backend.service::<String>());
+    let service = retrying(auth, backend.service::<String>());
 
     let mut tasks = tokio::task::JoinSet::new();
     for n in 0..10 {
@@ -269,10 +273,7 @@ async fn replacement_rejected_too_returns_second_401_after_exactly_two_calls() {
     let backend = Backend::rejecting(&["tok-1", "tok-2"]);
     // A backoff far longer than the test, so that no clock decides its outcome.
     let auth = auth(&source).backoff(Duration::from_secs(600), Duration::from_secs(600));
-    let service = ServiceBuilder::new()
-        .layer(auth.retry_layer())
-        .layer(auth)
-        .service(backend.service::<String>());
+    let service = retrying(auth, backend.service::<String>());
 
     let request = Request::post(URL).body("payload".to_owned()).unwrap();
     let response = service.clone().oneshot(request).await.unwrap();
@@ -392,10 +393,7 @@ async fn json_post_to_loopback_server_survives_rotation() {
     let auth = TwnAuthLayer::with_token_source(key(), FileSource::new(&path)).detect_rotation();
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
-    let service = ServiceBuilder::new()
-        .layer(auth.retry_layer())
-        .layer(auth)
-        .service(client);
+    let service = retrying(auth, client);
     let request = || {
         Request::post(format!("{}/catalog/products", server.uri()))
             .header("content-type", "application/json")
@@ -434,10 +432,7 @@ async fn assert_sent_once(
     let source = Numbered::default();
     let backend = Backend::rejecting(&[rejected]);
     let auth = configure(TwnAuthLayer::with_token_source(key(), source.clone()));
-    let service = ServiceBuilder::new()
-        .layer(auth.retry_layer())
-        .layer(auth)
-        .service(backend.service::<String>());
+    let service = retrying(auth, backend.service::<String>());
 
     let response = service.oneshot(request).await.unwrap();
 

@@ -192,30 +192,28 @@ async fn server_refuses_other_credentials() {
     );
 }
 
-#[tokio::test]
-async fn http1_round_trip_delivers_both_headers_and_returns_the_body() {
+/// Sends one request through `client` wrapped in the layer, and checks that the server got
+/// it once, authenticated, over `version`.
+async fn assert_authenticated_round_trip(client: HyperClient, version: &str) {
     let server = start_server().await;
 
     let request = get(&server.uri("/stats/totalproducts"));
-    let (status, body) = send(authenticated(http1_client()), request).await;
+    let (status, body) = send(authenticated(client), request).await;
 
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, "authenticated over HTTP/1.1");
+    assert_eq!(body, format!("authenticated over {version}"));
     assert_eq!(server.requests(), 1);
     assert_eq!(server.seen.authenticated.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
+async fn http1_round_trip_delivers_both_headers_and_returns_the_body() {
+    assert_authenticated_round_trip(http1_client(), "HTTP/1.1").await;
+}
+
+#[tokio::test]
 async fn http2_prior_knowledge_round_trip_delivers_both_headers_and_returns_the_body() {
-    let server = start_server().await;
-
-    let request = get(&server.uri("/stats/totalproducts"));
-    let (status, body) = send(authenticated(http2_client()), request).await;
-
-    assert_eq!(status, StatusCode::OK);
-    assert_eq!(body, "authenticated over HTTP/2.0");
-    assert_eq!(server.requests(), 1);
-    assert_eq!(server.seen.authenticated.load(Ordering::SeqCst), 1);
+    assert_authenticated_round_trip(http2_client(), "HTTP/2.0").await;
 }
 
 #[tokio::test]
