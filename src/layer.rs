@@ -258,6 +258,11 @@ impl TwnAuthLayer<CachedToken> {
     ///
     /// To send a rejected request once more with the new token, add
     /// [`retry_layer`](Self::retry_layer) outside this layer.
+    ///
+    /// Each response future then keeps a reference to the cache until the answer arrives:
+    /// one reference count raised and lowered per request, shared by every thread that uses
+    /// the layer. Without rotation detection, requests that find a token write no memory
+    /// shared between threads.
     pub fn detect_rotation(self) -> Self {
         self.detect_rotation_on([StatusCode::UNAUTHORIZED])
     }
