@@ -101,14 +101,7 @@ impl<S, P> TwnAuth<S, P> {
     #[inline(never)]
     fn route<B>(&self, request: &mut Request<B>) -> Route {
         let verdict = self.shared.destinations.verdict(request.uri());
-        let extensions = request.extensions();
-        let left_origin = extensions.get::<LeftOrigin>().is_some();
-        let own = extensions.get::<TwnCredentials>().map(|own| {
-            (
-                own.instance_key.header_value().clone(),
-                own.access_token.header_value().clone(),
-            )
-        });
+        let left_origin = request.extensions().get::<LeftOrigin>().is_some();
 
         match verdict {
             // A redirect took the request away from its origin: whatever the destination, it
@@ -121,13 +114,21 @@ impl<S, P> TwnAuth<S, P> {
                 host: request.uri().host().unwrap_or_default().into(),
             }),
             Verdict::Unknown => Route::Refuse(Error::UnknownDestination),
-            Verdict::Attach => match own {
-                Some((key, token)) => {
-                    attach(request.headers_mut(), key, token);
-                    Route::Send
+            Verdict::Attach => {
+                let own = request.extensions().get::<TwnCredentials>().map(|own| {
+                    (
+                        own.instance_key.header_value().clone(),
+                        own.access_token.header_value().clone(),
+                    )
+                });
+                match own {
+                    Some((key, token)) => {
+                        attach(request.headers_mut(), key, token);
+                        Route::Send
+                    }
+                    None => Route::Attach,
                 }
-                None => Route::Attach,
-            },
+            }
             Verdict::Strip => {
                 strip(request.headers_mut());
                 Route::Send
