@@ -155,12 +155,7 @@ impl AccessToken {
     /// ```
     pub fn from_env(variable: &str) -> Result<Self, LoadError> {
         let raw = read_env(variable)?;
-        load(
-            CredentialKind::AccessToken,
-            LoadedFrom::Env(variable.into()),
-            &raw,
-        )
-        .map(AccessToken::validated)
+        Self::from_loaded(LoadedFrom::Env(variable.into()), &raw)
     }
 
     /// Reads the access token from the file at `path`, trimming surrounding whitespace.
