@@ -28,6 +28,13 @@
 //! them, including the one that started it, changes nothing for the fetch or the others.
 //! If the task itself is dropped before it finishes (its runtime shut down), its waiters get
 //! [`Error::FetchAbandoned`] and the next request starts a new fetch.
+//!
+//! A fetch that has not answered a second past its timeout runs on a runtime that no longer
+//! makes progress. The next request that needs a token starts another fetch on its own
+//! runtime, which takes over the waiters. Each fetch carries a number, and only the latest
+//! one's result counts: should the stuck fetch ever finish, fail or be dropped, that changes
+//! nothing, so it can neither answer the live fetch's waiters nor publish a token older than
+//! the live fetch's.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +52,11 @@ use crate::credentials;
 use crate::error::Error;
 use crate::future::Watch;
 use crate::source::{DynSource, Token};
+
+/// The longest the cache waits for anything: longer durations (a backoff, a fetch timeout)
+/// are cut to it, and timers for later instants wake up in steps of it. Tokio's timers
+/// cannot take an instant near the end of what `Instant` can hold.
+pub(crate) const LONGEST_WAIT: Duration = Duration::from_secs(60 * 60 * 24 * 365);
 
 const FRESH: u64 = 0;
 const STALE: u64 = 1;
@@ -149,6 +161,9 @@ struct Slot {
     flight: Option<Vec<oneshot::Sender<Outcome>>>,
     /// When the fetch under way started.
     flight_started: Option<Instant>,
+    /// The number of the latest fetch started. A fetch with another number was superseded
+    /// after it got stuck, and its result is ignored.
+    flight_id: u64,
     /// Whether timer tasks watch `current`'s deadlines.
     armed: bool,
     /// Backoff after failed fetches, `Some` from the first failure to the next success.
@@ -216,6 +231,7 @@ impl Cache {
                 last_generation: 0,
                 flight: None,
                 flight_started: None,
+                flight_id: 0,
                 armed: false,
                 failures: None,
                 resting: None,
@@ -259,6 +275,11 @@ impl Cache {
         self.dropped.load(Ordering::Acquire) >= generation.max(1)
     }
 
+    /// Returns how long a fetch may take: the option, cut to [`LONGEST_WAIT`].
+    pub(crate) fn fetch_timeout(&self) -> Duration {
+        self.options.fetch_timeout.min(LONGEST_WAIT)
+    }
+
     /// Whether a response with `status` rejects the token it was sent with.
     pub(crate) fn rejects(&self, status: StatusCode) -> bool {
         self.options
@@ -298,10 +319,7 @@ impl Cache {
 
         // A fetch past its timeout that has not answered runs on a runtime that no longer
         // makes progress (its own timeout would have fired otherwise): start another here.
-        let patience = self
-            .options
-            .fetch_timeout
-            .saturating_add(Duration::from_secs(1));
+        let patience = self.fetch_timeout().saturating_add(Duration::from_secs(1));
         let stuck = slot
             .flight_started
             .is_some_and(|started| now.saturating_duration_since(started) >= patience);
@@ -347,6 +365,14 @@ impl Cache {
             return;
         }
         let mut slot = self.lock();
+        if let Some((retry_at, _)) = slot.resting.as_ref().filter(|(at, _)| Instant::now() < *at) {
+            // The last refresh failed and its backoff has not passed: the word stays `FRESH`
+            // until then.
+            let retry_at = *retry_at;
+            drop(slot);
+            self.watch(generation(seen), vec![(retry_at, STALE)]);
+            return;
+        }
         if slot.flight.is_none() {
             tracing::trace!(source = %self.name, "token inside its refresh-ahead window");
             if let Err(error) = self.start_fetch(&mut slot) {
@@ -432,34 +458,41 @@ impl Cache {
         // A fetch found stuck keeps its waiters: the new one answers them.
         slot.flight.get_or_insert_with(Vec::new);
         slot.flight_started = Some(Instant::now());
-        let cache = Arc::clone(self);
+        slot.flight_id = slot.flight_id.wrapping_add(1);
+        let (cache, id) = (Arc::clone(self), slot.flight_id);
         // The task owns the fetch: no request's cancellation reaches it.
-        drop(handle.spawn(async move { cache.fetch().await }));
+        drop(handle.spawn(async move { cache.fetch(id).await }));
         Ok(())
     }
 
-    async fn fetch(self: Arc<Self>) {
+    async fn fetch(self: Arc<Self>, id: u64) {
         let started = Instant::now();
         let mut guard = FetchGuard {
             cache: &self,
+            id,
             started,
             finished: false,
         };
         tracing::debug!(source = %self.name, "token fetch started");
-        let timeout = self.options.fetch_timeout;
+        let timeout = self.fetch_timeout();
         // A source that never answers must not keep every later request waiting: past the
         // timeout, the fetch counts as failed and the backoff applies.
         let result = match tokio::time::timeout(timeout, self.source.fetch_boxed()).await {
             Ok(result) => result,
             Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
         };
-        self.complete(result, started);
+        self.complete(id, result, started);
         guard.finished = true;
     }
 
-    /// Publishes the result of a fetch and wakes its waiters.
-    fn complete(self: &Arc<Self>, result: Result<Token, BoxError>, started: Instant) {
+    /// Publishes the result of fetch `id` and wakes its waiters, unless a later fetch
+    /// superseded it.
+    fn complete(self: &Arc<Self>, id: u64, result: Result<Token, BoxError>, started: Instant) {
         let mut slot = self.lock();
+        if slot.flight_id != id {
+            tracing::debug!(source = %self.name, "superseded token fetch finished; result ignored");
+            return;
+        }
         // Read under the lock, so that no deadline can pass between the reading and the use.
         let now = Instant::now();
         let fetch_ms = now.saturating_duration_since(started).as_millis() as u64;
@@ -546,9 +579,17 @@ impl Cache {
         }
     }
 
-    /// Wakes the waiters of a fetch whose task was dropped before it finished.
-    fn abandon(&self) {
-        let waiters = self.lock().flight.take().unwrap_or_default();
+    /// Wakes the waiters of fetch `id`, whose task was dropped before it finished, unless a
+    /// later fetch superseded it.
+    fn abandon(&self, id: u64) {
+        let waiters = {
+            let mut slot = self.lock();
+            if slot.flight_id != id {
+                tracing::debug!(source = %self.name, "superseded token fetch dropped");
+                return;
+            }
+            slot.flight.take().unwrap_or_default()
+        };
         tracing::debug!(source = %self.name, "token fetch abandoned");
         for waiter in waiters {
             let _ = waiter.send(Err(Error::FetchAbandoned {
@@ -602,14 +643,23 @@ impl Cache {
         };
         let generation = entry.snapshot.generation;
         let mut phase = entry.phase_at(now);
+        let mut refresh_at = entry.refresh_at;
         if phase == STALE && slot.flight.is_some() {
             // The refresh this phase asks for is already under way.
             phase = FRESH;
         }
-        let steps: Vec<_> = [(entry.refresh_at, STALE), (entry.usable_until, UNUSABLE)]
+        if let Some((retry_at, _)) = slot.resting.as_ref().filter(|(at, _)| now < *at) {
+            // The last refresh failed: the next one waits for the backoff to pass.
+            refresh_at = refresh_at.map(|at| at.max(*retry_at));
+            if phase == STALE {
+                phase = FRESH;
+            }
+        }
+        let mut steps: Vec<_> = [(refresh_at, STALE), (entry.usable_until, UNUSABLE)]
             .into_iter()
             .filter_map(|(at, phase)| at.filter(|at| *at > now).map(|at| (at, phase)))
             .collect();
+        steps.sort_by_key(|(at, _)| *at);
         if Handle::try_current().is_err() {
             // Without timers the word must not claim the token is usable: requests keep
             // taking the slow path, which reads the clock.
@@ -661,7 +711,10 @@ impl Cache {
                 finished: false,
             };
             for (at, phase) in steps {
-                sleep_until(at).await;
+                while Instant::now() < at {
+                    let step = Instant::now().checked_add(LONGEST_WAIT).unwrap_or(at);
+                    sleep_until(at.min(step)).await;
+                }
                 let Some(cache) = cache.upgrade() else {
                     break;
                 };
@@ -760,17 +813,17 @@ impl Backoff {
 }
 
 /// Returns when the next attempt may start, counting one more failure in `state`.
+///
+/// A delay longer than [`LONGEST_WAIT`] is cut to it.
 fn next_attempt(state: &mut Option<Backoff>, options: &CacheOptions, now: Instant) -> Instant {
-    const FAR: Duration = Duration::from_secs(60 * 60 * 24 * 365);
     let delay = state.get_or_insert_with(Backoff::new).next_delay(options);
-    now.checked_add(delay)
-        .or_else(|| now.checked_add(FAR))
-        .unwrap_or(now)
+    now.checked_add(delay.min(LONGEST_WAIT)).unwrap_or(now)
 }
 
 /// Runs when the fetch task is dropped, finished or not.
 struct FetchGuard<'a> {
     cache: &'a Arc<Cache>,
+    id: u64,
     started: Instant,
     finished: bool,
 }
@@ -783,9 +836,9 @@ impl Drop for FetchGuard<'_> {
         if std::thread::panicking() {
             // The source panicked: a failure like any other, so that it is backed off.
             let cause = "the token source panicked".into();
-            self.cache.complete(Err(cause), self.started);
+            self.cache.complete(self.id, Err(cause), self.started);
         } else {
-            self.cache.abandon();
+            self.cache.abandon(self.id);
         }
     }
 }
@@ -901,7 +954,7 @@ impl CachedToken {
 
     /// Returns how long a fetch may take.
     pub(crate) fn fetch_timeout(&self) -> Duration {
-        self.cache.options.fetch_timeout
+        self.cache.fetch_timeout()
     }
 
     /// Returns the source's name, for errors.
