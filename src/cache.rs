@@ -196,7 +196,8 @@ pub(crate) struct Cache {
     base: Instant,
     /// The highest generation that got a response not counted as a rejection.
     confirmed: AtomicU64,
-    /// The highest generation a rejection dropped.
+    /// The highest generation that a rejection found dropped or replaced, or dropped itself:
+    /// a request rejected with it has a newer token to try.
     dropped: AtomicU64,
     slot: Mutex<Slot>,
     source: Arc<dyn DynSource>,
@@ -270,7 +271,8 @@ impl Cache {
         generation(self.word.0.load(Ordering::Acquire))
     }
 
-    /// Whether a rejection dropped the token of `generation` or a later one.
+    /// Whether a rejection found the token of `generation`, or a later one, dropped or
+    /// replaced, or dropped it.
     pub(crate) fn dropped_since(&self, generation: u64) -> bool {
         self.dropped.load(Ordering::Acquire) >= generation.max(1)
     }
@@ -397,10 +399,15 @@ impl Cache {
         let mut slot = self.lock();
         let now = Instant::now();
         let Some(entry) = slot.current.as_ref() else {
-            // Already dropped: the next request waits for the fetch that replaces it.
+            // Already dropped or expired: the next request waits for the fetch that replaces
+            // it.
+            self.dropped.fetch_max(rejected, Ordering::AcqRel);
             return;
         };
         if entry.snapshot.generation != rejected {
+            // Already replaced, by a rejection of the same token or by the source bringing a
+            // newer one: the request can be sent again with that one.
+            self.dropped.fetch_max(rejected, Ordering::AcqRel);
             return;
         }
 

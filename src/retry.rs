@@ -105,8 +105,10 @@ impl<D, E> ReplayBody for UnsyncBoxBody<D, E> {
 /// Made by [`TwnAuthLayer::retry_layer`](crate::TwnAuthLayer::retry_layer). A request is
 /// retried only when the layer attached its own token to it, the response has one of the
 /// rejection statuses given to
-/// [`detect_rotation_on`](crate::TwnAuthLayer::detect_rotation_on), and rotation detection
-/// has since dropped the token the request carried, so that the retry carries another one.
+/// [`detect_rotation_on`](crate::TwnAuthLayer::detect_rotation_on), and the cache has moved
+/// past the token the request carried, so that the retry carries another one: rotation
+/// detection dropped it, or the source had already brought a newer one (a re-read of a
+/// rotated secret, say) when the rejection came.
 /// Requests outside the scope, with their own [`TwnCredentials`], or through a layer
 /// without [`detect_rotation`](crate::TwnAuthLayer::detect_rotation) are never retried. Each
 /// request is retried at most once: if the second attempt is rejected too, the caller gets
@@ -115,7 +117,8 @@ impl<D, E> ReplayBody for UnsyncBoxBody<D, E> {
 pub struct RetryRejected {
     cache: Arc<Cache>,
     shared: Arc<Shared>,
-    /// The generation of the cached token when the request set off.
+    /// The generation of the token the request is expected to carry: the cached one when it
+    /// set off, or the next one if that was already dropped.
     generation: u64,
     retried: bool,
 }
@@ -156,10 +159,10 @@ where
         if self.retried || !self.cache.rejects(status) || !self.signs(request) {
             return None;
         }
-        // The request carried the token the cache held when it set off, or a later one.
-        // Unless a rejection dropped one of those, a second attempt would carry the same
-        // token (a replacement held for the backoff, or one rejected by another origin after
-        // a redirect) and fare no better.
+        // The request carried the token it was expected to, or (rarely, when a fetch ended
+        // just as it set off) a later one. Unless the rejection found that token dropped or
+        // replaced, a second attempt would carry the same token (a replacement held for the
+        // backoff, or one rejected by another origin after a redirect) and fare no better.
         if !self.cache.dropped_since(self.generation) {
             return None;
         }
@@ -170,7 +173,13 @@ where
 
     fn clone_request(&mut self, request: &Request<B>) -> Option<Request<B>> {
         let body = request.body().replay()?;
-        self.generation = self.cache.generation();
+        // A request that finds its generation dropped waits for the next one.
+        let generation = self.cache.generation();
+        self.generation = if self.cache.dropped_since(generation) {
+            generation + 1
+        } else {
+            generation
+        };
         let mut copy = Request::new(body);
         *copy.method_mut() = request.method().clone();
         *copy.uri_mut() = request.uri().clone();
