@@ -83,10 +83,16 @@ impl TwnAuthLayer<CachedToken> {
     ///   called once, and all of them are sent with the token it returns.
     /// * **Refresh ahead.** A token within the [refresh-ahead window](Self::refresh_ahead) of
     ///   its expiry is still sent, and the first request to see it starts a fetch in the
-    ///   background; no request waits for it. A token within the
+    ///   background; no request waits for it. A cached token within the
     ///   [expiry margin](Self::expiry_margin) counts as expired: requests wait for a fresh one.
     ///   So that a token shorter-lived than these windows does not cause fetch after fetch, at
     ///   least the first half of its usable lifetime never triggers a refresh.
+    /// * **Tokens fetched inside the margin.** A token that arrives already inside its expiry
+    ///   margin, but not yet expired, is given to the requests that waited for that fetch and
+    ///   is not cached. Each later request that finds no usable token waits for a fetch of its
+    ///   own (requests that arrive while one runs share it): a source that only returns such
+    ///   tokens is called once per request, and never while no request comes. A token that
+    ///   arrives already expired is a failed fetch.
     /// * **Cancellation.** The fetch runs in a task of its own. Dropping the request that
     ///   started it, or any that wait for it, neither cancels it nor keeps the others waiting;
     ///   its result is always stored.
@@ -103,8 +109,8 @@ impl TwnAuthLayer<CachedToken> {
     /// The fetch and the timers that track expiry run on the Tokio runtime of the request
     /// that needs them; it must have timers enabled (`#[tokio::main]` and `Runtime::new` do).
     /// Requests rely on those timers for the refresh-ahead window, and read the clock only
-    /// for a token that expires, so that no token is ever sent inside its expiry margin, even
-    /// when the timers run late. Should that runtime stay alive but stop being driven (a
+    /// for a token that expires, so that no cached token is sent inside its expiry margin,
+    /// even when the timers run late. Should that runtime stay alive but stop being driven (a
     /// current-thread runtime outside `block_on`, say) while another one sends the requests,
     /// refreshes ahead of expiry stop, and so may a fetch started there, until its waiters'
     /// own deadlines; a runtime that shuts down is noticed, and the next request starts over
@@ -210,11 +216,16 @@ impl TwnAuthLayer<CachedToken> {
         self.with_options(|options| options.refresh_ahead = window)
     }
 
-    /// Sets how long before its expiry a token stops being sent. Defaults to 10 s.
+    /// Sets how long before its expiry a cached token stops being sent. Defaults to 10 s.
     ///
     /// A token could expire while a request is in flight, or earlier than this machine's clock
-    /// says; within the margin it counts as expired and requests wait for a new one. A token
-    /// that expires at 12:15:00 is last sent at 12:14:49.999 with the default margin.
+    /// says; within the margin a cached token counts as expired and requests wait for a new
+    /// one. A token that expires at 12:15:00 is last taken from the cache at 12:14:49.999 with
+    /// the default margin.
+    ///
+    /// A fetch that brings a token already inside the margin (the source returned it at
+    /// 12:14:55, say) still hands it to the requests that waited for that fetch, since it has
+    /// not expired; it is not cached, so the next request waits for another fetch.
     pub fn expiry_margin(self, margin: Duration) -> Self {
         self.with_options(|options| options.expiry_margin = margin)
     }
