@@ -357,7 +357,8 @@ impl<P> TwnAuthLayer<P> {
     ///
     /// Such requests go to wherever the connection beneath was opened, which the layer cannot
     /// see; by default they fail with
-    /// [`Error::UnknownDestination`](crate::Error::UnknownDestination). Allow them when the
+    /// [`Error::UnknownDestination`](crate::Error::UnknownDestination), whose docs list the
+    /// URIs without a host that the check lets through. Allow them when the
     /// inner service sends over a connection you opened to the Tweakwise API yourself (for
     /// example a `Service` around hyper's `client::conn` sender, over TLS). The
     /// [scope](Self::scope) does not apply to them.
