@@ -71,8 +71,11 @@
 //!   `tower-http`), in either position: it strips the headers from the first hop that leaves
 //!   the origin on.
 //!
-//! tower-http's standard policy alone is not enough: it removes `Authorization` and
-//! `Cookie`, but it does not know the TWN headers.
+//! tower-http's standard policy alone is not enough. On a hop to another origin it removes
+//! `Authorization`, `Cookie` and `Proxy-Authorization` and drops the request's extensions
+//! (a request's own [`TwnCredentials`] among them), but it leaves the TWN headers alone: with
+//! the layer outside `FollowRedirect` they travel to the new origin, and an unscoped layer
+//! inside attaches its own credentials to that hop.
 //!
 //! # Costs
 //!
