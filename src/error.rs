@@ -292,6 +292,10 @@ pub enum Error {
     /// The task that was fetching the token ended without a result, because its Tokio
     /// runtime shut down, or still had none a second past its timeout (twice), because
     /// that runtime no longer makes progress. The next request starts a new fetch.
+    ///
+    /// When a stuck fetch was replaced by another (see
+    /// [`TokenSource`](crate::TokenSource)), a shutdown of the stuck fetch's runtime also
+    /// gives this error to the requests then waiting for the other.
     #[non_exhaustive]
     FetchAbandoned {
         /// The source's [`name`](crate::TokenSource::name).

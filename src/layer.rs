@@ -80,7 +80,9 @@ impl TwnAuthLayer<CachedToken> {
     /// # The cache
     ///
     /// * **Single flight.** However many requests find no usable token at once, the source is
-    ///   called once, and all of them are sent with the token it returns.
+    ///   called once, and all of them are sent with the token it returns. The one exception,
+    ///   a fetch stuck on a runtime that no longer makes progress, is described on
+    ///   [`TokenSource`].
     /// * **Refresh ahead.** A token within the [refresh-ahead window](Self::refresh_ahead) of
     ///   its expiry is still sent, and the first request to see it starts a fetch in the
     ///   background; no request waits for it. A cached token within the
@@ -112,9 +114,10 @@ impl TwnAuthLayer<CachedToken> {
     /// for a token that expires, so that no cached token is sent inside its expiry margin,
     /// even when the timers run late. Should that runtime stay alive but stop being driven (a
     /// current-thread runtime outside `block_on`, say) while another one sends the requests,
-    /// refreshes ahead of expiry stop, and so may a fetch started there, until its waiters'
-    /// own deadlines; a runtime that shuts down is noticed, and the next request starts over
-    /// on its own runtime.
+    /// refreshes ahead of expiry stop, and so may a fetch started there, until a second past
+    /// the [fetch timeout](Self::fetch_timeout), when a request that needs a token starts
+    /// another on its own runtime; a runtime that shuts down is noticed, and the next request
+    /// starts over on its own runtime.
     ///
     /// ```
     /// use std::time::Duration;
