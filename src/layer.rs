@@ -261,14 +261,20 @@ impl TwnAuthLayer<CachedToken> {
     /// Only that token is dropped: when several requests are rejected with the same token,
     /// one fetch replaces it, and a rejection of a token that was already replaced changes
     /// nothing. A replacement that is itself rejected before any request succeeded with it is
-    /// kept until the backoff has passed, so a server that refuses every token does not make
+    /// kept until its hold time has passed, so a server that refuses every token does not make
     /// the cache fetch for each request.
     ///
+    /// The hold time is drawn like the [`backoff`](Self::backoff) after a failed fetch, with
+    /// the same settings, and counts from the rejection that dropped the token before it: 1 to
+    /// 1.5 s with the defaults (the minimum, plus up to half as much again of jitter). Each
+    /// further replacement rejected in a row doubles it, up to the maximum; a token that gets
+    /// an answer other than a rejection starts it over.
+    ///
     /// That protection has a cost: two rotations closer together than the requests in flight
-    /// take to come back look exactly like a server that refuses fresh tokens. The second
-    /// replacement is then kept for the backoff (1 s at first, see [`backoff`](Self::backoff)),
-    /// and requests sent meanwhile get the server's `401`. Tokens rotated in the Tweakwise app
-    /// are minutes apart, far from this.
+    /// take to come back look exactly like a server that refuses fresh tokens. The token
+    /// fetched after the first rotation is then rejected before any request succeeded with
+    /// it, and is kept for its hold time; requests sent meanwhile get the server's `401`.
+    /// Tokens rotated in the Tweakwise app are minutes apart, far from this.
     ///
     /// To send a rejected request once more with the new token, add
     /// [`retry_layer`](Self::retry_layer) outside this layer.
