@@ -238,6 +238,9 @@ impl TwnAuthLayer<CachedToken> {
     /// beyond `max`). Defaults to 1 s and 30 s.
     ///
     /// The third failure in a row with the defaults waits 4 to 6 s.
+    ///
+    /// A wait too long to add to the current time as an `Instant` (a `max` near
+    /// `Duration::MAX`, say) is cut to one year (365 days).
     pub fn backoff(self, min: Duration, max: Duration) -> Self {
         self.with_options(|options| {
             options.backoff_min = min;
