@@ -262,6 +262,20 @@ pub enum Error {
     },
     /// The request URI has no scheme or no host, so the layer cannot tell where the
     /// credentials would go. See [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
+    ///
+    /// Not every URI without a host gets this error:
+    ///
+    /// * The check looks only at the first byte of the authority, so that it stays cheap on
+    ///   every request. An empty host behind user info passes it: without a scope, an `https`
+    ///   request to `https://user@:443/` is sent with both headers.
+    /// * With [`allow_plain_http`](crate::TwnAuthLayer::allow_plain_http) and no scope, a
+    ///   plain `http` request with an empty host (`http://:80/`) is sent with both headers.
+    /// * With a [scope](crate::TwnAuthLayer::scope), an absolute URI with an empty host is
+    ///   outside it: the request is sent without either header rather than refused.
+    ///
+    /// Such a URI names no server. A client that connects to the URI's host, as hyper-util's
+    /// does, fails to resolve it and sends nothing; an inner service that sends over a
+    /// connection it already holds sends the request there.
     #[non_exhaustive]
     UnknownDestination,
     /// The token source failed and no usable token was at hand.
@@ -278,6 +292,10 @@ pub enum Error {
     /// The task that was fetching the token ended without a result, because its Tokio
     /// runtime shut down, or still had none a second past its timeout (twice), because
     /// that runtime no longer makes progress. The next request starts a new fetch.
+    ///
+    /// When a stuck fetch was replaced by another (see
+    /// [`TokenSource`](crate::TokenSource)), a shutdown of the stuck fetch's runtime also
+    /// gives this error to the requests then waiting for the other.
     #[non_exhaustive]
     FetchAbandoned {
         /// The source's [`name`](crate::TokenSource::name).

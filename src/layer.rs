@@ -80,13 +80,21 @@ impl TwnAuthLayer<CachedToken> {
     /// # The cache
     ///
     /// * **Single flight.** However many requests find no usable token at once, the source is
-    ///   called once, and all of them are sent with the token it returns.
+    ///   called once, and all of them are sent with the token it returns. The one exception,
+    ///   a fetch stuck on a runtime that no longer makes progress, is described on
+    ///   [`TokenSource`].
     /// * **Refresh ahead.** A token within the [refresh-ahead window](Self::refresh_ahead) of
     ///   its expiry is still sent, and the first request to see it starts a fetch in the
-    ///   background; no request waits for it. A token within the
+    ///   background; no request waits for it. A cached token within the
     ///   [expiry margin](Self::expiry_margin) counts as expired: requests wait for a fresh one.
     ///   So that a token shorter-lived than these windows does not cause fetch after fetch, at
     ///   least the first half of its usable lifetime never triggers a refresh.
+    /// * **Tokens fetched inside the margin.** A token that arrives already inside its expiry
+    ///   margin, but not yet expired, is given to the requests that waited for that fetch and
+    ///   is not cached. Each later request that finds no usable token waits for a fetch of its
+    ///   own (requests that arrive while one runs share it): a source that only returns such
+    ///   tokens is called once per request, and never while no request comes. A token that
+    ///   arrives already expired is a failed fetch.
     /// * **Cancellation.** The fetch runs in a task of its own. Dropping the request that
     ///   started it, or any that wait for it, neither cancels it nor keeps the others waiting;
     ///   its result is always stored.
@@ -103,12 +111,13 @@ impl TwnAuthLayer<CachedToken> {
     /// The fetch and the timers that track expiry run on the Tokio runtime of the request
     /// that needs them; it must have timers enabled (`#[tokio::main]` and `Runtime::new` do).
     /// Requests rely on those timers for the refresh-ahead window, and read the clock only
-    /// for a token that expires, so that no token is ever sent inside its expiry margin, even
-    /// when the timers run late. Should that runtime stay alive but stop being driven (a
+    /// for a token that expires, so that no cached token is sent inside its expiry margin,
+    /// even when the timers run late. Should that runtime stay alive but stop being driven (a
     /// current-thread runtime outside `block_on`, say) while another one sends the requests,
-    /// refreshes ahead of expiry stop, and so may a fetch started there, until its waiters'
-    /// own deadlines; a runtime that shuts down is noticed, and the next request starts over
-    /// on its own runtime.
+    /// refreshes ahead of expiry stop, and so may a fetch started there, until a second past
+    /// the [fetch timeout](Self::fetch_timeout), when a request that needs a token starts
+    /// another on its own runtime; a runtime that shuts down is noticed, and the next request
+    /// starts over on its own runtime.
     ///
     /// ```
     /// use std::time::Duration;
@@ -210,11 +219,16 @@ impl TwnAuthLayer<CachedToken> {
         self.with_options(|options| options.refresh_ahead = window)
     }
 
-    /// Sets how long before its expiry a token stops being sent. Defaults to 10 s.
+    /// Sets how long before its expiry a cached token stops being sent. Defaults to 10 s.
     ///
     /// A token could expire while a request is in flight, or earlier than this machine's clock
-    /// says; within the margin it counts as expired and requests wait for a new one. A token
-    /// that expires at 12:15:00 is last sent at 12:14:49.999 with the default margin.
+    /// says; within the margin a cached token counts as expired and requests wait for a new
+    /// one. A token that expires at 12:15:00 is last taken from the cache at 12:14:49.999 with
+    /// the default margin.
+    ///
+    /// A fetch that brings a token already inside the margin (the source returned it at
+    /// 12:14:55, say) still hands it to the requests that waited for that fetch, since it has
+    /// not expired; it is not cached, so the next request waits for another fetch.
     pub fn expiry_margin(self, margin: Duration) -> Self {
         self.with_options(|options| options.expiry_margin = margin)
     }
@@ -224,6 +238,9 @@ impl TwnAuthLayer<CachedToken> {
     /// beyond `max`). Defaults to 1 s and 30 s.
     ///
     /// The third failure in a row with the defaults waits 4 to 6 s.
+    ///
+    /// A wait too long to add to the current time as an `Instant` (a `max` near
+    /// `Duration::MAX`, say) is cut to one year (365 days).
     pub fn backoff(self, min: Duration, max: Duration) -> Self {
         self.with_options(|options| {
             options.backoff_min = min;
@@ -247,14 +264,20 @@ impl TwnAuthLayer<CachedToken> {
     /// Only that token is dropped: when several requests are rejected with the same token,
     /// one fetch replaces it, and a rejection of a token that was already replaced changes
     /// nothing. A replacement that is itself rejected before any request succeeded with it is
-    /// kept until the backoff has passed, so a server that refuses every token does not make
+    /// kept until its hold time has passed, so a server that refuses every token does not make
     /// the cache fetch for each request.
     ///
+    /// The hold time is drawn like the [`backoff`](Self::backoff) after a failed fetch, with
+    /// the same settings, and counts from the rejection that dropped the token before it: 1 to
+    /// 1.5 s with the defaults (the minimum, plus up to half as much again of jitter). Each
+    /// further replacement rejected in a row doubles it, up to the maximum; a token that gets
+    /// an answer other than a rejection starts it over.
+    ///
     /// That protection has a cost: two rotations closer together than the requests in flight
-    /// take to come back look exactly like a server that refuses fresh tokens. The second
-    /// replacement is then kept for the backoff (1 s at first, see [`backoff`](Self::backoff)),
-    /// and requests sent meanwhile get the server's `401`. Tokens rotated in the Tweakwise app
-    /// are minutes apart, far from this.
+    /// take to come back look exactly like a server that refuses fresh tokens. The token
+    /// fetched after the first rotation is then rejected before any request succeeded with
+    /// it, and is kept for its hold time; requests sent meanwhile get the server's `401`.
+    /// Tokens rotated in the Tweakwise app are minutes apart, far from this.
     ///
     /// To send a rejected request once more with the new token, add
     /// [`retry_layer`](Self::retry_layer) outside this layer.
@@ -346,7 +369,8 @@ impl<P> TwnAuthLayer<P> {
     ///
     /// Such requests go to wherever the connection beneath was opened, which the layer cannot
     /// see; by default they fail with
-    /// [`Error::UnknownDestination`](crate::Error::UnknownDestination). Allow them when the
+    /// [`Error::UnknownDestination`](crate::Error::UnknownDestination), whose docs list the
+    /// URIs without a host that the check lets through. Allow them when the
     /// inner service sends over a connection you opened to the Tweakwise API yourself (for
     /// example a `Service` around hyper's `client::conn` sender, over TLS). The
     /// [scope](Self::scope) does not apply to them.

@@ -39,7 +39,10 @@
 //! * It refuses plain `http` to any host but loopback, and requests with no scheme or host,
 //!   with an [`Error`] and without calling the inner service (see
 //!   [`allow_plain_http`](TwnAuthLayer::allow_plain_http) and
-//!   [`allow_relative_uris`](TwnAuthLayer::allow_relative_uris)).
+//!   [`allow_relative_uris`](TwnAuthLayer::allow_relative_uris)). One kind of host-less URI
+//!   is not refused: an empty host behind user info, as in `https://user@:443/`, which the
+//!   per-request check does not look for; without a scope such a request is sent with both
+//!   headers. See [`Error::UnknownDestination`] for this and the other exceptions.
 //! * With a [scope](TwnAuthLayer::scope), a request to any other origin leaves with neither
 //!   header.
 //! * A request carrying [`TwnCredentials`] in its extensions is sent with those instead, for
@@ -68,8 +71,11 @@
 //!   `tower-http`), in either position: it strips the headers from the first hop that leaves
 //!   the origin on.
 //!
-//! tower-http's standard policy alone is not enough: it removes `Authorization` and
-//! `Cookie`, but it does not know the TWN headers.
+//! tower-http's standard policy alone is not enough. On a hop to another origin it removes
+//! `Authorization`, `Cookie` and `Proxy-Authorization` and drops the request's extensions
+//! (a request's own [`TwnCredentials`] among them), but it leaves the TWN headers alone: with
+//! the layer outside `FollowRedirect` they travel to the new origin, and an unscoped layer
+//! inside attaches its own credentials to that hop.
 //!
 //! # Costs
 //!

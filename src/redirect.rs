@@ -56,8 +56,9 @@ impl<P> KeepCredentialsOnOrigin<P> {
 }
 
 impl Default for KeepCredentialsOnOrigin {
-    /// Wraps tower-http's `Standard` policy: at most 20 redirects, and `Authorization`,
-    /// `Cookie` and `Proxy-Authorization` removed cross-origin as well.
+    /// Wraps tower-http's `Standard` policy: at most 20 redirects and, on a hop to another
+    /// origin, `Authorization`, `Cookie` and `Proxy-Authorization` removed and the request's
+    /// extensions dropped as well.
     fn default() -> Self {
         KeepCredentialsOnOrigin::new(Standard::default())
     }

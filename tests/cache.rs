@@ -523,6 +523,41 @@ async fn failed_fetch_without_token_fails_waiters_then_next_request_retries_afte
     assert_eq!(seen.all(), ["tok-1"]);
 }
 
+/// Returns the `N` of the " (next attempt in N ms)" that ends `message`.
+fn next_attempt_ms(message: &str) -> u128 {
+    let (_, rest) = message
+        .split_once(" (next attempt in ")
+        .unwrap_or_else(|| panic!("no next attempt in {message:?}"));
+    let millis = rest
+        .strip_suffix(" ms)")
+        .expect("the suffix ends the message");
+    millis.parse().expect("a whole number of milliseconds")
+}
+
+#[tokio::test(start_paused = true)]
+async fn fetch_error_message_counts_down_to_the_next_attempt() {
+    let source = Script::new(vec![Err("secret store unavailable")]);
+    // The default backoff: 1 s after the first failure, plus up to 0.5 s of jitter.
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone());
+    let seen = Seen::default();
+    let service = service(&layer, &seen);
+
+    let message = send_failing(&service).await.to_string();
+    let first = next_attempt_ms(&message);
+    assert!((1000..1500).contains(&first), "{message}");
+    assert_eq!(
+        message,
+        format!("script failed: secret store unavailable (next attempt in {first} ms)")
+    );
+
+    // A request during the backoff fails at once, with the time that is left.
+    advance(Duration::from_millis(400)).await;
+    let message = send_failing(&service).await.to_string();
+    assert_eq!(next_attempt_ms(&message), first - 400, "{message}");
+    assert_eq!(source.fetches(), 1);
+    assert!(seen.all().is_empty(), "the inner service was called");
+}
+
 #[tokio::test(start_paused = true)]
 async fn invalid_token_from_source_is_an_error_never_a_header() {
     let source = || async { Ok(Token::new(AccessToken::new("bad\ntoken")?)) };

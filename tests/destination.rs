@@ -501,6 +501,35 @@ async fn request_with_empty_host_is_refused_as_unknown_destination() {
     }
 }
 
+/// The host check of a request looks at the first byte of its authority only, so an empty
+/// host behind user info passes it; the docs of `Error::UnknownDestination` say so.
+#[tokio::test]
+async fn https_request_with_user_info_and_empty_host_is_sent_with_both_headers_without_scope() {
+    let uri = "https://user@:443/stats";
+    assert_eq!(send(&static_layer(), get(uri)).await, Outcome::layer_pair());
+
+    let (layer, fetches) = cached_layer();
+    assert_eq!(send(&layer, get(uri)).await, Outcome::source_pair());
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn plain_http_request_with_empty_host_is_sent_with_both_headers_once_plain_http_allowed() {
+    let layer = static_layer().allow_plain_http();
+
+    for uri in ["http://:80/stats", "http://user@:80/stats"] {
+        assert_eq!(send(&layer, get(uri)).await, Outcome::layer_pair(), "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn scoped_layer_sends_request_with_empty_host_without_any_twn_header() {
+    let layer = scoped_to_tweakwise(static_layer());
+
+    let uris = ["https://user@:443/stats", "https://:443/stats"];
+    assert_all(&layer, uris.map(with_stale_headers), Outcome::stripped()).await;
+}
+
 // Per-request credentials.
 
 #[tokio::test]

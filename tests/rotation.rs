@@ -52,10 +52,12 @@ struct Received {
     body: Bytes,
 }
 
-/// An inner service that rejects the tokens in `rejected` with 401 and records every call.
+/// An inner service that rejects the tokens in `rejected` with `rejection` (401 unless told
+/// otherwise) and records every call.
 #[derive(Clone)]
 struct Backend {
     rejected: Arc<Mutex<Vec<String>>>,
+    rejection: Arc<Mutex<StatusCode>>,
     received: Arc<Mutex<Vec<Received>>>,
     /// Requests carrying `tok-1` wait here before they are answered.
     barrier: Option<Arc<tokio::sync::Barrier>>,
@@ -67,6 +69,7 @@ impl Backend {
     fn rejecting(tokens: &[&str]) -> Self {
         Backend {
             rejected: Arc::new(Mutex::new(tokens.iter().map(|t| t.to_string()).collect())),
+            rejection: Arc::new(Mutex::new(StatusCode::UNAUTHORIZED)),
             received: Arc::default(),
             barrier: None,
             hold: None,
@@ -75,6 +78,16 @@ impl Backend {
 
     fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
+    }
+
+    fn tokens_received(&self) -> Vec<String> {
+        self.received().into_iter().map(|r| r.token).collect()
+    }
+
+    /// From now on, rejects `token` too, and answers every rejection with `status`.
+    fn reject_with(&self, token: &str, status: StatusCode) {
+        self.rejected.lock().unwrap().push(token.to_owned());
+        *self.rejection.lock().unwrap() = status;
     }
 
     fn service<B>(
@@ -109,6 +122,7 @@ impl Backend {
                     notify.notified().await;
                 }
                 let rejected = backend.rejected.lock().unwrap().contains(&token);
+                let rejection = *backend.rejection.lock().unwrap();
                 backend.received.lock().unwrap().push(Received {
                     token,
                     method: parts.method,
@@ -116,11 +130,7 @@ impl Backend {
                     headers: parts.headers,
                     body,
                 });
-                let status = if rejected {
-                    StatusCode::UNAUTHORIZED
-                } else {
-                    StatusCode::OK
-                };
+                let status = if rejected { rejection } else { StatusCode::OK };
                 let mut response = Response::new(format!("{status}"));
                 *response.status_mut() = status;
                 Ok::<_, BoxError>(response)
@@ -290,6 +300,38 @@ async fn replacement_rejected_too_returns_second_401_after_exactly_two_calls() {
         let response = service.clone().oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     }
+    assert_eq!(source.fetches(), 2);
+}
+
+#[tokio::test]
+async fn configured_403_drops_token_and_is_retried_once_while_401_no_longer_is() {
+    let source = Numbered::default();
+    let backend = Backend::rejecting(&[]);
+    backend.reject_with("tok-1", StatusCode::FORBIDDEN);
+    let auth = TwnAuthLayer::with_token_source(key(), source.clone())
+        .detect_rotation_on([StatusCode::FORBIDDEN]);
+    let service = retrying(auth, backend.service::<String>());
+    let request = |body: &str| Request::post(URL).body(body.to_owned()).unwrap();
+
+    // The 403 drops tok-1, and the retry carries the freshly fetched tok-2.
+    let response = service.clone().oneshot(request("first")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(backend.tokens_received(), ["tok-1", "tok-2"]);
+    assert_eq!(source.fetches(), 2);
+
+    // 401 is not among the statuses given: it is neither retried nor drops tok-2.
+    backend.reject_with("tok-2", StatusCode::UNAUTHORIZED);
+    let response = service.clone().oneshot(request("second")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(backend.tokens_received(), ["tok-1", "tok-2", "tok-2"]);
+    assert_eq!(source.fetches(), 2);
+
+    let response = service.oneshot(request("third")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        backend.tokens_received(),
+        ["tok-1", "tok-2", "tok-2", "tok-2"]
+    );
     assert_eq!(source.fetches(), 2);
 }
 

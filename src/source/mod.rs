@@ -29,7 +29,8 @@
 //! # Ok::<(), tower::BoxError>(())
 //! ```
 //!
-//! Sources are called by the layer's cache, one fetch at a time, in a task of their own; see
+//! Sources are called by the layer's cache, in a task of their own, one fetch at a time
+//! unless a fetch gets stuck (see [`TokenSource`]); see
 //! [`TwnAuthLayer::with_token_source`](crate::TwnAuthLayer::with_token_source) for when.
 
 mod env;
@@ -54,8 +55,19 @@ pub(crate) const DEFAULT_REREAD: Duration = Duration::from_secs(30);
 ///
 /// Implement it with a plain `async fn fetch` (the future must be `Send`), or pass a closure
 /// that returns such a future. The cache in front of the source decides when to call it:
-/// never twice at once, never for a request that already has a usable token, and not again
-/// before a backoff after a failure.
+/// never for a request that already has a usable token, not again before a backoff after a
+/// failure, and one fetch at a time, with one exception.
+///
+/// A fetch that has not answered a second past its
+/// [fetch timeout](crate::TwnAuthLayer::fetch_timeout) is taken to run on a runtime that no
+/// longer makes progress, since its own timeout would have ended it otherwise. The next
+/// request that needs a token, or one already waiting, then starts another fetch on its own
+/// runtime. The first fetch is not cancelled: should its runtime run again, the source may
+/// be called twice at once; the waiting requests get the result of whichever fetch finishes
+/// first, and the other result, when it comes, is stored too (a token replaces the cached
+/// one, a failure starts a backoff). Should that runtime shut down instead, the requests
+/// waiting at that moment get [`Error::FetchAbandoned`](crate::Error::FetchAbandoned),
+/// although the second fetch goes on and its token is stored.
 pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a token.
     ///
