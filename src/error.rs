@@ -293,9 +293,9 @@ pub enum Error {
     /// runtime shut down, or still had none a second past its timeout (twice), because
     /// that runtime no longer makes progress. The next request starts a new fetch.
     ///
-    /// When a stuck fetch was replaced by another (see
-    /// [`TokenSource`](crate::TokenSource)), a shutdown of the stuck fetch's runtime also
-    /// gives this error to the requests then waiting for the other.
+    /// A stuck fetch that another one replaced (see [`TokenSource`](crate::TokenSource))
+    /// gives this error to no one: only the fetch that replaced it answers the waiting
+    /// requests.
     #[non_exhaustive]
     FetchAbandoned {
         /// The source's [`name`](crate::TokenSource::name).

@@ -253,7 +253,8 @@ impl TwnAuthLayer<CachedToken> {
     /// A source that never answers (a hung network mount, a secret store that accepts the
     /// connection and says nothing) would otherwise keep every request that needs a token
     /// waiting; past the timeout they get [`Error::Fetch`](crate::Error::Fetch) and the
-    /// source is backed off like any failing one.
+    /// source is backed off like any failing one. A timeout longer than a year counts as one
+    /// year.
     pub fn fetch_timeout(self, timeout: Duration) -> Self {
         self.with_options(|options| options.fetch_timeout = timeout)
     }

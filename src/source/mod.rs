@@ -62,12 +62,11 @@ pub(crate) const DEFAULT_REREAD: Duration = Duration::from_secs(30);
 /// [fetch timeout](crate::TwnAuthLayer::fetch_timeout) is taken to run on a runtime that no
 /// longer makes progress, since its own timeout would have ended it otherwise. The next
 /// request that needs a token, or one already waiting, then starts another fetch on its own
-/// runtime. The first fetch is not cancelled: should its runtime run again, the source may
-/// be called twice at once; the waiting requests get the result of whichever fetch finishes
-/// first, and the other result, when it comes, is stored too (a token replaces the cached
-/// one, a failure starts a backoff). Should that runtime shut down instead, the requests
-/// waiting at that moment get [`Error::FetchAbandoned`](crate::Error::FetchAbandoned),
-/// although the second fetch goes on and its token is stored.
+/// runtime, which takes over the waiting requests. The first fetch is not cancelled, so
+/// should its runtime run again, the source may be called twice at once. Only the later
+/// fetch counts: whatever the first one brings (a token, a failure, or nothing because its
+/// runtime shut down) is ignored, so that it can neither fail the waiting requests nor
+/// replace a newer token with an older one.
 pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a token.
     ///
