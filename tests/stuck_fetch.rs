@@ -89,91 +89,123 @@ impl TokenSource for Scripted {
     }
 }
 
-/// A fetch stuck on an idle runtime, replaced by the documented "stuck" restart, later
-/// gets dropped with its runtime. Its FetchGuard must not touch the flight of a fetch that
-/// is alive and well on another runtime.
+/// Fetch 1 stuck on an idle runtime, fetch 2 started in its place on a busy one, and fetch
+/// 3 under way there (held at the gate) after the server rejected fetch 2's token.
+struct StuckThenRotated {
+    source: Scripted,
+    service: TwnAuth<Inner, CachedToken>,
+    seen: Arc<Mutex<Vec<String>>>,
+    /// `None` once a test dropped it.
+    idle: Option<tokio::runtime::Runtime>,
+    busy: tokio::runtime::Runtime,
+}
+
+impl StuckThenRotated {
+    fn new() -> Self {
+        let source = Scripted::default();
+        let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+            .fetch_timeout(Duration::from_secs(2))
+            .detect_rotation();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let service = ServiceBuilder::new()
+            .layer(layer)
+            .service(inner(seen.clone(), "tok-2"));
+
+        // Fetch 1 starts on a current-thread runtime that is then left idle.
+        let idle = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        idle.block_on(async {
+            let first = tokio::time::timeout(Duration::from_millis(10), send(&service)).await;
+            assert!(first.is_err(), "fetch 1 never answers");
+        });
+
+        // A request gives up on it a second past the fetch timeout and starts fetch 2 here;
+        // tok-2 is rejected, so rotation detection starts fetch 3.
+        let busy = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let status = busy.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), send(&service))
+                .await
+                .expect("the request gave up on the stuck fetch")
+                .unwrap()
+                .status()
+        });
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        for _ in 0..200 {
+            if source.fetches.load(Ordering::SeqCst) == 3 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(
+            source.fetches.load(Ordering::SeqCst),
+            3,
+            "fetch 3 runs after the rejection"
+        );
+        StuckThenRotated {
+            source,
+            service,
+            seen,
+            idle: Some(idle),
+            busy,
+        }
+    }
+
+    /// Sends a request on the busy runtime and gives it time to join fetch 3.
+    fn spawn_request(&self) -> tokio::task::JoinHandle<Result<Response<()>, BoxError>> {
+        let service = self.service.clone();
+        let request = self.busy.spawn(async move { send(&service).await });
+        std::thread::sleep(Duration::from_millis(100));
+        request
+    }
+
+    /// Opens the gate and returns each request's status, or its error as text.
+    fn finish(
+        &self,
+        requests: Vec<tokio::task::JoinHandle<Result<Response<()>, BoxError>>>,
+    ) -> Vec<Result<StatusCode, String>> {
+        self.source.gate.add_permits(10);
+        requests
+            .into_iter()
+            .map(|request| {
+                let result = self.busy.block_on(request).unwrap();
+                result.map(|r| r.status()).map_err(|e| e.to_string())
+            })
+            .collect()
+    }
+}
+
+/// A fetch stuck on an idle runtime and replaced by another is later dropped with its
+/// runtime: the requests waiting for the fetch that replaced it are not failed, and no
+/// further fetch starts while that one runs.
 #[test]
 fn abandoning_a_replaced_stuck_fetch_does_not_fail_the_waiters_of_a_live_fetch() {
-    let source = Scripted::default();
-    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .detect_rotation();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let service = ServiceBuilder::new()
-        .layer(layer)
-        .service(inner(seen.clone(), "tok-2"));
+    let mut stuck = StuckThenRotated::new();
+    let waiter = stuck.spawn_request();
 
-    // 1. Fetch 1 starts on an idle current-thread runtime and never finishes there.
-    let idle = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    idle.block_on(async {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(10), send(&service))
-                .await
-                .is_err()
-        );
-    });
+    // The idle runtime goes away, and with it the long-replaced fetch 1.
+    drop(stuck.idle.take());
+    let running = stuck.source.running.load(Ordering::SeqCst);
+    stuck.source.max_running.store(running, Ordering::SeqCst);
 
-    let busy = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    // 2. A waiter gives up on it and fetch 2 runs here; tok-2 is rejected, so rotation
-    //    detection starts fetch 3 (held at the gate).
-    let status = busy.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), send(&service))
-            .await
-            .unwrap()
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    for _ in 0..200 {
-        if source.fetches.load(Ordering::SeqCst) == 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Another request while fetch 3 is still under way joins it rather than start fetch 4.
+    let second = stuck.spawn_request();
     assert_eq!(
-        source.fetches.load(Ordering::SeqCst),
-        3,
-        "fetch 3 runs after the rejection"
+        stuck.finish(vec![waiter, second]),
+        [Ok(StatusCode::OK), Ok(StatusCode::OK)],
+        "(waiter of fetch 3, next request)"
     );
-
-    // 3. A request waits for fetch 3.
-    let waiter = {
-        let service = service.clone();
-        busy.spawn(async move { send(&service).await })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-
-    // 4. The idle runtime goes away, and with it the long-replaced fetch 1.
-    drop(idle);
-    // From here on, count concurrency afresh (fetch 1 is gone with its runtime).
-    source
-        .max_running
-        .store(source.running.load(Ordering::SeqCst), Ordering::SeqCst);
-
-    // 5. Another request while fetch 3 is still under way must join it, not start fetch 4.
-    let second = {
-        let service = service.clone();
-        busy.spawn(async move { send(&service).await })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    source.gate.add_permits(10);
-
-    let (first, second) = busy.block_on(async { (waiter.await.unwrap(), second.await.unwrap()) });
-    let fetches = source.fetches.load(Ordering::SeqCst);
-    let max_running = source.max_running.load(Ordering::SeqCst);
-    let first = first.map(|r| r.status()).map_err(|e| e.to_string());
-    let second = second.map(|r| r.status()).map_err(|e| e.to_string());
+    assert_eq!(stuck.seen.lock().unwrap().last().unwrap(), "tok-3");
+    assert_eq!(stuck.source.fetches.load(Ordering::SeqCst), 3);
     assert_eq!(
-        (first, second, fetches, max_running),
-        (Ok(StatusCode::OK), Ok(StatusCode::OK), 3, 1),
-        "(waiter, second request, fetches, fetches at once after the idle runtime went away)"
+        stuck.source.max_running.load(Ordering::SeqCst),
+        1,
+        "fetches at once after the idle runtime went away"
     );
 }
 
@@ -242,83 +274,26 @@ fn runtime_shutdown_under_a_fetch_fails_waiters_promptly_and_next_request_refetc
 }
 
 /// Same set-up, but the idle runtime is driven again instead of dropped (a sync wrapper
-/// calling `block_on` now and then): the long-replaced fetch 1 times out there, and its
-/// failure is handed to the waiters of fetch 3, which is alive and would succeed.
+/// calling `block_on` now and then): fetch 1 times out there, long after it was replaced,
+/// and the requests waiting for fetch 3 still get fetch 3's token.
 #[test]
 fn timeout_of_a_replaced_stuck_fetch_does_not_fail_the_waiters_of_a_live_fetch() {
-    let source = Scripted::default();
-    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
-        .fetch_timeout(Duration::from_secs(2))
-        .detect_rotation();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let service = ServiceBuilder::new()
-        .layer(layer)
-        .service(inner(seen.clone(), "tok-2"));
+    let stuck = StuckThenRotated::new();
+    let waiter = stuck.spawn_request();
 
-    let idle = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    idle.block_on(async {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(10), send(&service))
-                .await
-                .is_err()
-        );
-    });
-    let busy = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let status = busy.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), send(&service))
-            .await
-            .unwrap()
-            .unwrap()
-            .status()
-    });
-    assert_eq!(status, StatusCode::UNAUTHORIZED);
-    for _ in 0..200 {
-        if source.fetches.load(Ordering::SeqCst) == 3 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert_eq!(source.fetches.load(Ordering::SeqCst), 3);
-
-    let waiter = {
-        let service = service.clone();
-        busy.spawn(async move { send(&service).await })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-
-    // The idle runtime runs for a moment: fetch 1's 200 ms timeout has long passed.
+    // The idle runtime runs for a moment: fetch 1's timeout has long passed.
+    let idle = stuck.idle.as_ref().expect("not dropped in this test");
     idle.block_on(async { tokio::time::sleep(Duration::from_millis(20)).await });
 
-    // A request while fetch 3 is still under way (gate closed) should join it.
-    let after = {
-        let service = service.clone();
-        busy.spawn(async move { send(&service).await })
-    };
-    std::thread::sleep(Duration::from_millis(100));
-    source.gate.add_permits(10);
-    let first = busy
-        .block_on(waiter)
-        .unwrap()
-        .map(|r| r.status())
-        .map_err(|e| e.to_string());
-    let after = busy
-        .block_on(after)
-        .unwrap()
-        .map(|r| r.status())
-        .map_err(|e| e.to_string());
+    // A request while fetch 3 is still under way joins it.
+    let after = stuck.spawn_request();
     assert_eq!(
-        (first, after),
-        (Ok(StatusCode::OK), Ok(StatusCode::OK)),
+        stuck.finish(vec![waiter, after]),
+        [Ok(StatusCode::OK), Ok(StatusCode::OK)],
         "(waiter of fetch 3, next request)"
     );
-    assert_eq!(seen.lock().unwrap().last().unwrap(), "tok-3");
+    assert_eq!(stuck.seen.lock().unwrap().last().unwrap(), "tok-3");
+    assert_eq!(stuck.source.fetches.load(Ordering::SeqCst), 3);
 }
 
 /// After a failed refresh the source is left alone for the backoff. Moving to another
