@@ -31,10 +31,10 @@
 //!
 //! A fetch that has not answered a second past its timeout runs on a runtime that no longer
 //! makes progress. The next request that needs a token starts another fetch on its own
-//! runtime, which takes over the waiters. Each fetch carries a number, and only the latest
-//! one's result counts: should the stuck fetch ever finish, fail or be dropped, that changes
-//! nothing, so it can neither answer the live fetch's waiters nor publish a token older than
-//! the live fetch's.
+//! runtime, which takes over the waiters. Fetches are numbered as they start. Should the
+//! stuck one answer after all, its token is used unless a later fetch already stored one, so
+//! that an older token never replaces a newer one; its failure, or its task being dropped,
+//! changes nothing, so that it cannot fail the requests the live fetch will serve.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -161,9 +161,10 @@ struct Slot {
     flight: Option<Vec<oneshot::Sender<Outcome>>>,
     /// When the fetch under way started.
     flight_started: Option<Instant>,
-    /// The number of the latest fetch started. A fetch with another number was superseded
-    /// after it got stuck, and its result is ignored.
+    /// The number of the latest fetch started; fetches are numbered from 1.
     flight_id: u64,
+    /// The number of the fetch whose token was stored last.
+    stored_id: u64,
     /// Whether timer tasks watch `current`'s deadlines.
     armed: bool,
     /// Backoff after failed fetches, `Some` from the first failure to the next success.
@@ -233,6 +234,7 @@ impl Cache {
                 flight: None,
                 flight_started: None,
                 flight_id: 0,
+                stored_id: 0,
                 armed: false,
                 failures: None,
                 resting: None,
@@ -325,10 +327,12 @@ impl Cache {
         let stuck = slot
             .flight_started
             .is_some_and(|started| now.saturating_duration_since(started) >= patience);
+        let mut started = None;
         if slot.flight.is_some() && stuck {
             tracing::debug!(source = %self.name, "token fetch stuck; starting another");
-            if let Err(error) = self.start_fetch(&mut slot) {
-                return Acquire::Failed(error);
+            match self.start_fetch(&mut slot) {
+                Ok(fetch) => started = Some(fetch),
+                Err(error) => return Acquire::Failed(error),
             }
         }
 
@@ -340,14 +344,19 @@ impl Cache {
                 }
                 return Acquire::Failed(error);
             }
-            if let Err(error) = self.start_fetch(&mut slot) {
-                return Acquire::Failed(error);
+            match self.start_fetch(&mut slot) {
+                Ok(fetch) => started = Some(fetch),
+                Err(error) => return Acquire::Failed(error),
             }
         }
 
         let (tx, rx) = oneshot::channel();
         if let Some(waiters) = slot.flight.as_mut() {
             waiters.push(tx);
+        }
+        drop(slot);
+        if let Some(fetch) = started {
+            fetch.spawn();
         }
         Acquire::Wait(rx)
     }
@@ -377,13 +386,21 @@ impl Cache {
         }
         if slot.flight.is_none() {
             tracing::trace!(source = %self.name, "token inside its refresh-ahead window");
-            if let Err(error) = self.start_fetch(&mut slot) {
-                tracing::debug!(source = %self.name, %error, "cannot start a background refresh");
-                // Try again on a later request.
-                let _ =
-                    self.word
-                        .0
-                        .compare_exchange(fresh, seen, Ordering::AcqRel, Ordering::Acquire);
+            match self.start_fetch(&mut slot) {
+                Ok(fetch) => {
+                    drop(slot);
+                    fetch.spawn();
+                }
+                Err(error) => {
+                    tracing::debug!(source = %self.name, %error, "cannot start a background refresh");
+                    // Try again on a later request.
+                    let _ = self.word.0.compare_exchange(
+                        fresh,
+                        seen,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    );
+                }
             }
         }
     }
@@ -436,8 +453,12 @@ impl Cache {
             .0
             .store(word(rejected, 0, UNUSABLE), Ordering::Release);
         if slot.flight.is_none() && slot.resting.as_ref().is_none_or(|(at, _)| *at <= now) {
-            if let Err(error) = self.start_fetch(&mut slot) {
-                tracing::debug!(source = %self.name, %error, "cannot start a fetch");
+            match self.start_fetch(&mut slot) {
+                Ok(fetch) => {
+                    drop(slot);
+                    fetch.spawn();
+                }
+                Err(error) => tracing::debug!(source = %self.name, %error, "cannot start a fetch"),
             }
         }
     }
@@ -459,63 +480,62 @@ impl Cache {
         }
     }
 
-    /// Spawns the fetch task. The caller holds the lock and registers its own waiter after.
-    fn start_fetch(self: &Arc<Self>, slot: &mut Slot) -> Result<(), Error> {
+    /// Registers a fetch under way, to be spawned once the caller has released the lock and
+    /// registered its own waiter.
+    fn start_fetch(self: &Arc<Self>, slot: &mut Slot) -> Result<StartedFetch, Error> {
         let handle = Handle::try_current().map_err(|_| Error::NoRuntime)?;
         // A fetch found stuck keeps its waiters: the new one answers them.
         slot.flight.get_or_insert_with(Vec::new);
-        slot.flight_started = Some(Instant::now());
-        slot.flight_id = slot.flight_id.wrapping_add(1);
-        let (cache, id) = (Arc::clone(self), slot.flight_id);
-        // The task owns the fetch: no request's cancellation reaches it.
-        drop(handle.spawn(async move { cache.fetch(id).await }));
-        Ok(())
-    }
-
-    async fn fetch(self: Arc<Self>, id: u64) {
         let started = Instant::now();
-        let mut guard = FetchGuard {
-            cache: &self,
-            id,
+        slot.flight_started = Some(started);
+        slot.flight_id = slot.flight_id.wrapping_add(1);
+        let guard = FetchGuard {
+            cache: Arc::clone(self),
+            id: slot.flight_id,
             started,
             finished: false,
         };
-        tracing::debug!(source = %self.name, "token fetch started");
-        let timeout = self.fetch_timeout();
-        // A source that never answers must not keep every later request waiting: past the
-        // timeout, the fetch counts as failed and the backoff applies.
-        let result = match tokio::time::timeout(timeout, self.source.fetch_boxed()).await {
-            Ok(result) => result,
-            Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
-        };
-        self.complete(id, result, started);
-        guard.finished = true;
+        Ok(StartedFetch { handle, guard })
     }
 
-    /// Publishes the result of fetch `id` and wakes its waiters, unless a later fetch
-    /// superseded it.
+    /// Publishes the result of fetch `id` and wakes the waiters, if it still counts.
+    ///
+    /// Fetches are numbered in the order they start, and each stored token remembers its
+    /// fetch's number. A token counts unless a later fetch already stored one: should a fetch
+    /// thought stuck answer after all, its token serves the waiters sooner, and the token of
+    /// the fetch that replaced it, when it comes, is stored too, being newer. A failure
+    /// counts only from the latest fetch, while its waiters wait: a stuck fetch that fails,
+    /// late, must not fail the requests that a live fetch will serve.
     fn complete(self: &Arc<Self>, id: u64, result: Result<Token, BoxError>, started: Instant) {
         let mut slot = self.lock();
-        if slot.flight_id != id {
-            tracing::debug!(source = %self.name, "superseded token fetch finished; result ignored");
-            return;
-        }
         // Read under the lock, so that no deadline can pass between the reading and the use.
         let now = Instant::now();
-        let fetch_ms = now.saturating_duration_since(started).as_millis() as u64;
-        let waiters = slot.flight.take().unwrap_or_default();
-        let hold_until = slot.next_hold.take();
-
         let result = result.and_then(|token| match token.expires_at {
             Some(expires_at) if expires_at <= now => {
                 Err("the token source returned a token that had already expired".into())
             }
             _ => Ok(token),
         });
+        let counts = match &result {
+            Ok(_) => id > slot.stored_id,
+            Err(_) => id == slot.flight_id && slot.flight.is_some(),
+        };
+        if !counts {
+            tracing::debug!(
+                source = %self.name,
+                "token fetch answered after a later one; its result is ignored"
+            );
+            return;
+        }
+
+        let fetch_ms = now.saturating_duration_since(started).as_millis() as u64;
+        let waiters = slot.flight.take().unwrap_or_default();
+        let hold_until = slot.next_hold.take();
         let outcome = match result {
             Ok(token) => {
                 slot.failures = None;
                 slot.resting = None;
+                slot.stored_id = id;
                 slot.last_generation += 1;
                 let expires_in_ms = token
                     .expires_at
@@ -591,9 +611,18 @@ impl Cache {
     fn abandon(&self, id: u64) {
         let waiters = {
             let mut slot = self.lock();
-            if slot.flight_id != id {
-                tracing::debug!(source = %self.name, "superseded token fetch dropped");
+            if slot.flight_id != id || slot.flight.is_none() {
+                tracing::debug!(source = %self.name, "token fetch dropped after a later one");
                 return;
+            }
+            // A background refresh gone with its runtime is still due: the next request to
+            // see the token starts it again.
+            let now = Instant::now();
+            let resting = slot.resting.as_ref().is_some_and(|(at, _)| now < *at);
+            if let Some(entry) = slot.current.as_ref().filter(|_| !resting) {
+                if entry.phase_at(now) == STALE {
+                    self.advance(entry.snapshot.generation, STALE);
+                }
             }
             slot.flight.take().unwrap_or_default()
         };
@@ -828,14 +857,17 @@ fn next_attempt(state: &mut Option<Backoff>, options: &CacheOptions, now: Instan
 }
 
 /// Runs when the fetch task is dropped, finished or not.
-struct FetchGuard<'a> {
-    cache: &'a Arc<Cache>,
+///
+/// It is made before the task is spawned and moves into it, so that a task dropped before
+/// its first poll (its runtime shutting down) reports too.
+struct FetchGuard {
+    cache: Arc<Cache>,
     id: u64,
     started: Instant,
     finished: bool,
 }
 
-impl Drop for FetchGuard<'_> {
+impl Drop for FetchGuard {
     fn drop(&mut self) {
         if self.finished {
             return;
@@ -848,6 +880,38 @@ impl Drop for FetchGuard<'_> {
             self.cache.abandon(self.id);
         }
     }
+}
+
+/// A fetch registered under the lock, not yet spawned.
+#[must_use = "a registered fetch must be spawned, or its waiters wait for nothing"]
+struct StartedFetch {
+    handle: Handle,
+    guard: FetchGuard,
+}
+
+impl StartedFetch {
+    /// Spawns the fetch task. Call it without the lock held: a runtime that is shutting down
+    /// drops the task at once, and its guard then takes the lock to report.
+    fn spawn(self) {
+        let StartedFetch { handle, guard } = self;
+        // The task owns the fetch: no request's cancellation reaches it.
+        drop(handle.spawn(fetch(guard)));
+    }
+}
+
+/// Runs fetch `guard.id` and publishes its result.
+async fn fetch(mut guard: FetchGuard) {
+    let cache = Arc::clone(&guard.cache);
+    tracing::debug!(source = %cache.name, "token fetch started");
+    let timeout = cache.fetch_timeout();
+    // A source that never answers must not keep every later request waiting: past the
+    // timeout, the fetch counts as failed and the backoff applies.
+    let result = match tokio::time::timeout(timeout, cache.source.fetch_boxed()).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
+    };
+    cache.complete(guard.id, result, guard.started);
+    guard.finished = true;
 }
 
 /// Runs when a timer task is dropped, finished or not.

@@ -294,8 +294,8 @@ pub enum Error {
     /// that runtime no longer makes progress. The next request starts a new fetch.
     ///
     /// A stuck fetch that another one replaced (see [`TokenSource`](crate::TokenSource))
-    /// gives this error to no one: only the fetch that replaced it answers the waiting
-    /// requests.
+    /// gives this error to no one when its runtime shuts down: the fetch that replaced it
+    /// answers the waiting requests.
     #[non_exhaustive]
     FetchAbandoned {
         /// The source's [`name`](crate::TokenSource::name).

@@ -97,8 +97,8 @@ impl TwnAuthLayer<CachedToken> {
     ///   arrives already expired is a failed fetch.
     /// * **Cancellation.** The fetch runs in a task of its own. Dropping the request that
     ///   started it, or any that wait for it, neither cancels it nor keeps the others waiting;
-    ///   its result is stored, unless the fetch got stuck and another replaced it (see
-    ///   [`TokenSource`]).
+    ///   its token is stored, unless the fetch got stuck, another replaced it, and that one
+    ///   stored a newer token first (see [`TokenSource`]).
     /// * **Failure.** A failed fetch never replaces a token that is still usable; that token
     ///   keeps being sent, and the source is asked again after a [backoff](Self::backoff).
     ///   Without a usable token, the requests waiting for the fetch get

@@ -355,3 +355,191 @@ fn runtime_change_does_not_skip_the_backoff_after_a_failed_refresh() {
         "the source was asked again inside its 60 s backoff"
     );
 }
+
+/// A source that re-reads every 200 ms and counts its fetches; fetch `slow` takes 500 ms.
+#[derive(Clone, Default)]
+struct Rereading {
+    fetches: Arc<AtomicUsize>,
+    slow: usize,
+}
+
+impl TokenSource for Rereading {
+    async fn fetch(&self) -> Result<Token, BoxError> {
+        let n = self.fetches.fetch_add(1, Ordering::SeqCst) + 1;
+        if n == self.slow {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let token = AccessToken::new(&format!("tok-{n}"))?;
+        Ok(Token::new(token).refresh_after(Duration::from_millis(200)))
+    }
+}
+
+fn multi_thread(workers: usize) -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Sends requests on `runtime` for `span`, each a little after the last, and returns the
+/// tokens the inner service saw meanwhile.
+fn keep_sending(
+    runtime: &tokio::runtime::Runtime,
+    service: &TwnAuth<Inner, CachedToken>,
+    seen: &Arc<Mutex<Vec<String>>>,
+    span: Duration,
+) -> Vec<String> {
+    let before = seen.lock().unwrap().len();
+    runtime.block_on(async {
+        let start = std::time::Instant::now();
+        while start.elapsed() < span {
+            send(service).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    seen.lock().unwrap()[before..].to_vec()
+}
+
+/// A source that blocks its thread for longer than the fetch timeout (a synchronous SDK
+/// call) on a runtime that is otherwise alive: the waiters take the fetch for stuck and start
+/// another, but the first one's token, when it comes, still serves them.
+#[test]
+fn slow_fetch_taken_for_stuck_still_serves_the_waiters() {
+    #[derive(Clone, Default)]
+    struct Blocking(Arc<AtomicUsize>);
+    impl TokenSource for Blocking {
+        async fn fetch(&self) -> Result<Token, BoxError> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            std::thread::sleep(Duration::from_millis(1500));
+            Ok(Token::new(AccessToken::new(&format!("tok-{n}"))?))
+        }
+    }
+    let source = Blocking::default();
+    // Waiters give up on a fetch 1.2 s after it started; the source answers in 1.5 s.
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .fetch_timeout(Duration::from_millis(200));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(inner(seen.clone(), "none"));
+
+    let runtime = multi_thread(4);
+    let results = runtime.block_on(async {
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..10 {
+            let service = service.clone();
+            requests.spawn(async move { send(&service).await.map_err(|e| e.to_string()) });
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut statuses = Vec::new();
+        while let Some(result) = requests.join_next().await {
+            statuses.push(result.unwrap().map(|response| response.status()));
+        }
+        statuses
+    });
+    drop(runtime);
+
+    assert_eq!(results, vec![Ok(StatusCode::OK); 10]);
+    // The first fetch, and the one started when it was taken for stuck.
+    assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.lock().unwrap().as_slice(), ["tok-1"; 10]);
+}
+
+/// A request spawns the fetch on a runtime and is dropped before the fetch task first runs;
+/// the runtime then shuts down. The fetch counts as abandoned at once, so the next request
+/// starts another instead of waiting for the first a second past its timeout.
+#[test]
+fn fetch_task_dropped_before_it_ever_ran_is_started_again_at_once() {
+    let source = Rereading::default();
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .fetch_timeout(Duration::from_secs(30));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(inner(seen.clone(), "none"));
+
+    let doomed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    doomed.block_on(async {
+        let mut request = std::pin::pin!(send(&service));
+        let polled = futures_poll_once(request.as_mut()).await;
+        assert!(polled.is_pending(), "the request waits for the fetch");
+    });
+    assert_eq!(
+        source.fetches.load(Ordering::SeqCst),
+        0,
+        "spawned, never run"
+    );
+    drop(doomed);
+
+    let busy = multi_thread(1);
+    let response = busy.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), send(&service))
+            .await
+            .expect("the next request does not wait for the dropped fetch")
+    });
+    assert_eq!(response.unwrap().status(), StatusCode::OK);
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(seen.lock().unwrap().as_slice(), ["tok-1"]);
+}
+
+/// Polls `future` once.
+async fn futures_poll_once<F: std::future::Future + Unpin>(
+    mut future: F,
+) -> std::task::Poll<F::Output> {
+    std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut future).poll(cx)))
+        .await
+}
+
+/// A background re-read starts on a runtime that then shuts down, before the re-read ran or
+/// while it runs: it is still due, and a request on another runtime starts it again.
+#[test]
+fn background_refresh_lost_with_its_runtime_is_started_again() {
+    for (slow, wait_on_doomed) in [(0, None), (2, Some(Duration::from_millis(50)))] {
+        let source = Rereading {
+            slow,
+            ..Rereading::default()
+        };
+        let layer = TwnAuthLayer::with_token_source(key(), source.clone());
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let service = ServiceBuilder::new()
+            .layer(layer)
+            .service(inner(seen.clone(), "none"));
+
+        let busy = multi_thread(1);
+        busy.block_on(async {
+            send(&service).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        });
+        // The re-read is due: this request starts it on `doomed`, which shuts down before
+        // the re-read runs, or while it sleeps.
+        let doomed = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        doomed.block_on(async {
+            // The token is at hand, so the request never yields to the re-read's task.
+            send(&service).await.unwrap();
+            if let Some(wait) = wait_on_doomed {
+                tokio::time::sleep(wait).await;
+            }
+        });
+        let started_on_doomed = source.fetches.load(Ordering::SeqCst);
+        drop(doomed);
+
+        let sent = keep_sending(&busy, &service, &seen, Duration::from_millis(400));
+        let fetches = source.fetches.load(Ordering::SeqCst);
+        assert!(
+            fetches > started_on_doomed,
+            "slow fetch {slow}: no re-read after the runtime went away ({fetches} fetches)"
+        );
+        assert_ne!(
+            sent.last().map(String::as_str),
+            Some("tok-1"),
+            "slow fetch {slow}"
+        );
+    }
+}

@@ -63,10 +63,11 @@ pub(crate) const DEFAULT_REREAD: Duration = Duration::from_secs(30);
 /// longer makes progress, since its own timeout would have ended it otherwise. The next
 /// request that needs a token, or one already waiting, then starts another fetch on its own
 /// runtime, which takes over the waiting requests. The first fetch is not cancelled, so
-/// should its runtime run again, the source may be called twice at once. Only the later
-/// fetch counts: whatever the first one brings (a token, a failure, or nothing because its
-/// runtime shut down) is ignored, so that it can neither fail the waiting requests nor
-/// replace a newer token with an older one.
+/// should its runtime run again, the source may be called twice at once. If the first fetch
+/// brings a token before the second does, the waiting requests get it, and the second's
+/// token is stored too when it comes, being newer; a token from the first that comes after
+/// the second's is ignored. A failure of the first fetch, or its runtime shutting down,
+/// changes nothing while the second one runs.
 pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a token.
     ///
