@@ -284,6 +284,14 @@ impl TwnAuthLayer<CachedToken> {
     /// To send a rejected request once more with the new token, add
     /// [`retry_layer`](Self::retry_layer) outside this layer.
     ///
+    /// Behind tower-http's `FollowRedirect` (feature `tower-http`), the answer of another
+    /// origin says nothing about the token and is not counted. With this layer **outside**
+    /// `FollowRedirect` and `redirect::KeepCredentialsOnOrigin`, one case is counted wrongly:
+    /// a redirect chain that leaves the origin and comes back to it ends on a hop sent without
+    /// credentials, and a `401` there drops the token anyway (one needless fetch, bounded by
+    /// the hold time above). With this layer **inside** `FollowRedirect`, every hop passes
+    /// through it and only hops that carried the token are counted.
+    ///
     /// Each response future then keeps a reference to the cache until the answer arrives:
     /// one reference count raised and lowered per request, shared by every thread that uses
     /// the layer. Without rotation detection, requests that find a token write no memory
@@ -303,7 +311,10 @@ impl TwnAuthLayer<CachedToken> {
     /// It is [`tower::retry::RetryLayer`] with the [`RetryRejected`] policy, retrying on the
     /// statuses [`detect_rotation`](Self::detect_rotation) watches; without rotation
     /// detection it retries nothing. It must sit **outside** the authentication layer, so
-    /// that the retried request passes through it again:
+    /// that the retried request passes through it again, and directly outside it: the policy
+    /// notes which token a request will carry as it passes, and a layer between the two that
+    /// holds requests back (a rate limit, an async filter) lets that token be replaced in the
+    /// meantime, so that a rejected request may be sent again with the same token:
     ///
     /// ```
     /// use std::time::Duration;

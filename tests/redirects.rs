@@ -719,3 +719,101 @@ async fn request_credentials_follow_same_origin_hops_when_extensions_are_not_pre
         );
     }
 }
+
+/// Each hop's URI and the token it carried.
+#[cfg(feature = "tower-http")]
+type TokenHops = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// `/export` on the home origin redirects to another origin, which redirects back to
+/// `/login` on the home origin; `/login` answers 401 to a request without a token, 200 with
+/// one. Anything else answers 200. Records each hop's URI and token.
+#[cfg(feature = "tower-http")]
+fn bounce_through_another_origin(
+    hops: TokenHops,
+) -> BoxCloneService<Request<String>, Response<String>, Infallible> {
+    BoxCloneService::new(tower::service_fn(move |request: Request<String>| {
+        let token = request
+            .headers()
+            .get("twn-authentication")
+            .map(|value| value.to_str().unwrap().to_owned());
+        hops.lock()
+            .unwrap()
+            .push((request.uri().to_string(), token.clone()));
+        let mut response = Response::new(String::new());
+        let location = match request.uri().path() {
+            "/export" => Some("https://sso.example.test/bounce"),
+            "/bounce" => Some("https://navigator-api.tweakwise.com/login"),
+            _ => None,
+        };
+        if let Some(location) = location {
+            *response.status_mut() = StatusCode::FOUND;
+            let location = http::HeaderValue::from_static(location);
+            response.headers_mut().insert(LOCATION, location);
+        } else if request.uri().path() == "/login" && token.is_none() {
+            *response.status_mut() = StatusCode::UNAUTHORIZED;
+        }
+        std::future::ready(Ok(response))
+    }))
+}
+
+/// With the layer inside `FollowRedirect`, the 401 of a hop that came back to the origin
+/// without credentials (they stay off once the chain left the origin) drops no token and
+/// replays nothing.
+#[cfg(feature = "tower-http")]
+#[tokio::test]
+async fn rejection_of_a_hop_sent_without_credentials_keeps_the_token_with_the_layer_inside() {
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&fetches);
+    let source = move || {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            Ok(tower_twn_auth::Token::new(AccessToken::new(&format!(
+                "tok-{n}"
+            ))?))
+        }
+    };
+    let auth =
+        TwnAuthLayer::with_token_source(InstanceKey::new("ik").unwrap(), source).detect_rotation();
+    let hops: TokenHops = Arc::default();
+    let stack = ServiceBuilder::new()
+        .layer(auth.retry_layer())
+        .layer(FollowRedirectLayer::with_policy(
+            KeepCredentialsOnOrigin::default(),
+        ))
+        .layer(auth)
+        .service(bounce_through_another_origin(Arc::clone(&hops)));
+    let get = |path: &str| {
+        Request::get(format!("https://navigator-api.tweakwise.com{path}"))
+            .body(String::new())
+            .unwrap()
+    };
+
+    for _ in 0..3 {
+        let response = stack.clone().oneshot(get("/api")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let response = stack.clone().oneshot(get("/export")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    let hops = hops.lock().unwrap().clone();
+    let expected: Vec<_> = (0..3)
+        .flat_map(|_| {
+            [
+                ("/api", Some("tok-1")),
+                ("/export", Some("tok-1")),
+                ("https://sso.example.test/bounce", None),
+                ("/login", None),
+            ]
+        })
+        .map(|(path, token)| {
+            let uri = if path.starts_with("https://") {
+                path.to_owned()
+            } else {
+                format!("https://navigator-api.tweakwise.com{path}")
+            };
+            (uri, token.map(str::to_owned))
+        })
+        .collect();
+    assert_eq!(hops, expected);
+}
