@@ -27,7 +27,9 @@
 //! a token while it runs register as waiters and are woken with its result; dropping any of
 //! them, including the one that started it, changes nothing for the fetch or the others.
 //! If the task itself is dropped before it finishes (its runtime shut down), its waiters get
-//! [`Error::FetchAbandoned`] and the next request starts a new fetch.
+//! [`Error::FetchAbandoned`] and the next request starts a new fetch; a refresh dropped while
+//! the token was still usable starts again after a backoff, as after a failure. A panic in
+//! the source is a failure too, caught where the source is polled.
 //!
 //! A fetch that has not answered a second past its timeout runs on a runtime that no longer
 //! makes progress. The next request that needs a token starts another fetch on its own
@@ -37,8 +39,12 @@
 //! changes nothing, so that it cannot fail the requests the live fetch will serve.
 
 use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{HeaderValue, StatusCode};
@@ -51,7 +57,7 @@ use tower::BoxError;
 use crate::credentials;
 use crate::error::Error;
 use crate::future::Watch;
-use crate::source::{DynSource, Token};
+use crate::source::{DynSource, FetchFuture, Token};
 
 /// The longest the cache waits for anything: longer durations (a backoff, a fetch timeout)
 /// are cut to it, and timers for later instants wake up in steps of it. Tokio's timers
@@ -615,14 +621,22 @@ impl Cache {
                 tracing::debug!(source = %self.name, "token fetch dropped after a later one");
                 return;
             }
-            // A background refresh gone with its runtime is still due: the next request to
-            // see the token starts it again.
             let now = Instant::now();
-            let resting = slot.resting.as_ref().is_some_and(|(at, _)| now < *at);
-            if let Some(entry) = slot.current.as_ref().filter(|_| !resting) {
-                if entry.phase_at(now) == STALE {
-                    self.advance(entry.snapshot.generation, STALE);
-                }
+            let usable = slot.current.as_ref().filter(|entry| entry.usable_at(now));
+            if let Some(generation) = usable.map(|entry| entry.snapshot.generation) {
+                // A background refresh gone with its runtime is still due. It starts again
+                // after a backoff, as after a failure, so that a runtime made for each request
+                // (which drops every refresh it starts) does not call the source for each
+                // request; and the next request re-arms the timers on its own runtime.
+                let retry_at = next_attempt(&mut slot.failures, &self.options, now);
+                let error = Error::FetchAbandoned {
+                    source_name: Arc::clone(&self.name),
+                };
+                slot.resting = Some((retry_at, error));
+                slot.armed = false;
+                self.word
+                    .0
+                    .store(word(generation, 0, UNUSABLE), Ordering::Release);
             }
             slot.flight.take().unwrap_or_default()
         };
@@ -869,14 +883,7 @@ struct FetchGuard {
 
 impl Drop for FetchGuard {
     fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        if std::thread::panicking() {
-            // The source panicked: a failure like any other, so that it is backed off.
-            let cause = "the token source panicked".into();
-            self.cache.complete(self.id, Err(cause), self.started);
-        } else {
+        if !self.finished {
             self.cache.abandon(self.id);
         }
     }
@@ -906,12 +913,29 @@ async fn fetch(mut guard: FetchGuard) {
     let timeout = cache.fetch_timeout();
     // A source that never answers must not keep every later request waiting: past the
     // timeout, the fetch counts as failed and the backoff applies.
-    let result = match tokio::time::timeout(timeout, cache.source.fetch_boxed()).await {
+    let source = CatchPanic(cache.source.fetch_boxed());
+    let result = match tokio::time::timeout(timeout, source).await {
         Ok(result) => result,
         Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
     };
     cache.complete(guard.id, result, guard.started);
     guard.finished = true;
+}
+
+/// The source's future, with a panic turned into an error: a source that panics fails like
+/// one that returns an error, and is backed off.
+struct CatchPanic<'a>(FetchFuture<'a>);
+
+impl Future for CatchPanic<'_> {
+    type Output = Result<Token, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fetch = &mut self.0;
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fetch.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(_) => Poll::Ready(Err("the token source panicked".into())),
+        }
+    }
 }
 
 /// Runs when a timer task is dropped, finished or not.

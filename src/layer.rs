@@ -118,7 +118,11 @@ impl TwnAuthLayer<CachedToken> {
     /// refreshes ahead of expiry stop, and so may a fetch started there, until a second past
     /// the [fetch timeout](Self::fetch_timeout), when a request that needs a token starts
     /// another on its own runtime; a runtime that shuts down is noticed, and the next request
-    /// starts over on its own runtime.
+    /// starts over on its own runtime (a lost refresh ahead of expiry, after the
+    /// [backoff](Self::backoff), so that a runtime made for each request, which drops every
+    /// refresh it starts, does not have the source called for each request). A request sent
+    /// outside any runtime can wait for a fetch under way, but has no timer to give up on one
+    /// that is stuck: it waits until that fetch's runtime runs again.
     ///
     /// ```
     /// use std::time::Duration;

@@ -495,7 +495,8 @@ async fn futures_poll_once<F: std::future::Future + Unpin>(
 }
 
 /// A background re-read starts on a runtime that then shuts down, before the re-read ran or
-/// while it runs: it is still due, and a request on another runtime starts it again.
+/// while it runs: it is still due, and a request on another runtime starts it again once
+/// the backoff has passed.
 #[test]
 fn background_refresh_lost_with_its_runtime_is_started_again() {
     for (slow, wait_on_doomed) in [(0, None), (2, Some(Duration::from_millis(50)))] {
@@ -503,7 +504,9 @@ fn background_refresh_lost_with_its_runtime_is_started_again() {
             slow,
             ..Rereading::default()
         };
-        let layer = TwnAuthLayer::with_token_source(key(), source.clone());
+        let backoff = Duration::from_millis(300);
+        let layer =
+            TwnAuthLayer::with_token_source(key(), source.clone()).backoff(backoff, backoff);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let service = ServiceBuilder::new()
             .layer(layer)
@@ -530,7 +533,10 @@ fn background_refresh_lost_with_its_runtime_is_started_again() {
         let started_on_doomed = source.fetches.load(Ordering::SeqCst);
         drop(doomed);
 
-        let sent = keep_sending(&busy, &service, &seen, Duration::from_millis(400));
+        // Within the backoff, the source is left alone.
+        keep_sending(&busy, &service, &seen, Duration::from_millis(150));
+        assert_eq!(source.fetches.load(Ordering::SeqCst), started_on_doomed);
+        let sent = keep_sending(&busy, &service, &seen, Duration::from_millis(600));
         let fetches = source.fetches.load(Ordering::SeqCst);
         assert!(
             fetches > started_on_doomed,
@@ -542,4 +548,108 @@ fn background_refresh_lost_with_its_runtime_is_started_again() {
             "slow fetch {slow}"
         );
     }
+}
+
+/// A synchronous wrapper that makes a runtime for each request: every background re-read it
+/// starts is dropped with that runtime. The source is asked again only after a backoff, not
+/// for every request, and the token in hand keeps being sent.
+#[test]
+fn runtime_per_request_does_not_call_the_source_for_every_request() {
+    /// Re-read every 200 ms; every fetch after the first takes 500 ms, longer than any of
+    /// these runtimes lives.
+    #[derive(Clone, Default)]
+    struct SlowRereads(Arc<AtomicUsize>);
+    impl TokenSource for SlowRereads {
+        async fn fetch(&self) -> Result<Token, BoxError> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            if n > 1 {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            let token = AccessToken::new(&format!("tok-{n}"))?;
+            Ok(Token::new(token).refresh_after(Duration::from_millis(200)))
+        }
+    }
+    let source = SlowRereads::default();
+    let backoff = Duration::from_millis(400);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone()).backoff(backoff, backoff);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(inner(seen.clone(), "none"));
+    // Each request on a runtime of its own, which lets the re-read it started begin.
+    let send_on_own_runtime = || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            send(&service).await.unwrap();
+            tokio::task::yield_now().await;
+        });
+    };
+
+    send_on_own_runtime();
+    std::thread::sleep(Duration::from_millis(250));
+    // The re-read is due from here on; 20 requests over about 500 ms.
+    for _ in 0..20 {
+        send_on_own_runtime();
+        std::thread::sleep(Duration::from_millis(25));
+    }
+
+    // The first fetch, the re-read the first request after 200 ms started, and at most one
+    // more for each 400 ms backoff since; never one per request.
+    let fetches = source.0.load(Ordering::SeqCst);
+    assert!(
+        (2..=4).contains(&fetches),
+        "{fetches} fetches for 21 requests"
+    );
+    assert_eq!(seen.lock().unwrap().as_slice(), ["tok-1"; 21]);
+}
+
+/// A runtime holding a fetch is dropped while its thread unwinds from a panic that has
+/// nothing to do with the source: the fetch is abandoned, not a failure of the source, so
+/// the next request fetches at once instead of failing for the backoff.
+#[test]
+fn fetch_dropped_while_its_thread_unwinds_is_abandoned_not_failed() {
+    #[derive(Clone, Default)]
+    struct Never(Arc<AtomicUsize>);
+    impl TokenSource for Never {
+        async fn fetch(&self) -> Result<Token, BoxError> {
+            let n = self.0.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == 1 {
+                std::future::pending::<()>().await;
+            }
+            Ok(Token::new(AccessToken::new(&format!("tok-{n}"))?))
+        }
+    }
+    let source = Never::default();
+    let backoff = Duration::from_secs(60);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone()).backoff(backoff, backoff);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let service = ServiceBuilder::new()
+        .layer(layer)
+        .service(inner(seen.clone(), "none"));
+
+    let unwinding = {
+        let service = service.clone();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let first = tokio::time::timeout(Duration::from_millis(20), send(&service)).await;
+                assert!(first.is_err(), "fetch 1 never answers");
+            });
+            // The runtime, and fetch 1 with it, is dropped while this panic unwinds.
+            let _runtime = runtime;
+            panic!("unrelated to the source");
+        })
+    };
+    assert!(unwinding.join().is_err());
+
+    let response = multi_thread(1).block_on(send(&service));
+    assert_eq!(response.unwrap().status(), StatusCode::OK);
+    assert_eq!(source.0.load(Ordering::SeqCst), 2);
+    assert_eq!(seen.lock().unwrap().as_slice(), ["tok-2"]);
 }
