@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tower::BoxError;
 use tower_service::Service;
 
 use crate::cache::{Acquire, Cache, CachedToken, Outcome};
-use crate::credentials::{StaticToken, TWN_AUTHENTICATION, TWN_INSTANCEKEY};
+use crate::credentials::{StaticToken, TWN_AUTHENTICATION};
 use crate::error::Error;
 use crate::provider::sealed::Provide;
 use crate::provider::TokenProvider;
@@ -184,8 +184,8 @@ pub struct TokenWait<S, B> {
     /// Whether the wait already started over once after giving up.
     restarted: bool,
     inner: Option<S>,
+    /// The request, its instance key already set.
     request: Option<Request<B>>,
-    instance_key: HeaderValue,
     token: CachedToken,
 }
 
@@ -194,7 +194,6 @@ impl<S, B> TokenWait<S, B> {
         rx: oneshot::Receiver<Outcome>,
         inner: S,
         request: Request<B>,
-        instance_key: HeaderValue,
         token: CachedToken,
     ) -> Self {
         TokenWait {
@@ -203,7 +202,6 @@ impl<S, B> TokenWait<S, B> {
             restarted: false,
             inner: Some(inner),
             request: Some(request),
-            instance_key,
             token,
         }
     }
@@ -375,9 +373,9 @@ where
             }));
         };
 
-        let headers = request.headers_mut();
-        headers.insert(TWN_INSTANCEKEY, self.instance_key.clone());
-        headers.insert(TWN_AUTHENTICATION, snapshot.value);
+        request
+            .headers_mut()
+            .insert(TWN_AUTHENTICATION, snapshot.value);
         let watch = self.token.watch(snapshot.generation);
         let watch = watch.map(|watch| watch.sent_to(request.uri()));
         Poll::Ready(Ok((inner.call(request), watch)))

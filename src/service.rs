@@ -185,19 +185,21 @@ where
             }
         }
 
+        // The key goes in first, so that nothing is held across its insert; a request that
+        // must wait for its token takes the key along in its headers.
+        let key = self.shared.instance_key.header_value().clone();
+        request.headers_mut().insert(TWN_INSTANCEKEY, key);
         match self.token.lookup() {
             Lookup::Ready(token, report) => {
-                let key = self.shared.instance_key.header_value().clone();
-                attach(request.headers_mut(), key, token);
+                request.headers_mut().insert(TWN_AUTHENTICATION, token);
                 let report = report.sent_to(request.uri());
                 ResponseFuture::called(self.inner.call(request), report)
             }
             Lookup::Failed(error) => ResponseFuture::refused(error),
             Lookup::Wait(rx, handle) => {
-                let key = self.shared.instance_key.header_value().clone();
                 let clone = self.inner.clone();
                 let readied = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(TokenWait::new(rx, readied, request, key, handle))
+                ResponseFuture::waiting(TokenWait::new(rx, readied, request, handle))
             }
         }
     }
