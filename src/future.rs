@@ -51,9 +51,35 @@ pin_project! {
             future: F,
         },
         Before {
-            before: Box<Before<W>>,
+            before: Aside<W>,
         },
     }
+}
+
+/// A [`Before`] kept on the heap, out of the called future's way, and dropped by a call out
+/// of line, so that dropping a future whose request was called compiles down to dropping the
+/// inner future and a check. Empty only once dropped.
+struct Aside<W>(Option<Box<Before<W>>>);
+
+impl<W> Aside<W> {
+    fn new(before: Before<W>) -> Self {
+        Aside(Some(Box::new(before)))
+    }
+}
+
+impl<W> Drop for Aside<W> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(before) = self.0.take() {
+            drop_aside(before);
+        }
+    }
+}
+
+#[cold]
+#[inline(never)]
+fn drop_aside<W>(before: Box<Before<W>>) {
+    drop(before);
 }
 
 /// The stage of a [`ResponseFuture`] whose request has not reached the inner service.
@@ -75,7 +101,7 @@ impl<F, W, P: TokenProvider> ResponseFuture<F, W, P> {
     pub(crate) fn refused(error: Error) -> Self {
         ResponseFuture {
             state: State::Before {
-                before: Box::new(Before::Refused(Some(error))),
+                before: Aside::new(Before::Refused(Some(error))),
             },
             report: Default::default(),
         }
@@ -84,7 +110,7 @@ impl<F, W, P: TokenProvider> ResponseFuture<F, W, P> {
     pub(crate) fn waiting(wait: W) -> Self {
         ResponseFuture {
             state: State::Before {
-                before: Box::new(Before::Waiting(wait)),
+                before: Aside::new(Before::Waiting(wait)),
             },
             report: Default::default(),
         }
@@ -135,7 +161,10 @@ where
         let StateProj::Before { before } = this.state.as_mut().project() else {
             return self.poll(cx);
         };
-        match &mut **before {
+        let Some(stage) = before.0.as_deref_mut() else {
+            return Poll::Ready(Err(COMPLETED.into()));
+        };
+        match stage {
             Before::Waiting(wait) => match ready!(wait.poll_call(cx)) {
                 Ok((future, watch)) => {
                     // The wait handed its request and inner service over: drop what is left.
@@ -144,25 +173,28 @@ where
                     self.poll(cx)
                 }
                 Err(error) => {
-                    **before = Before::Refused(None);
+                    *stage = Before::Refused(None);
                     Poll::Ready(Err(error.into()))
                 }
             },
             Before::Refused(error) => Poll::Ready(Err(match error.take() {
                 Some(error) => error.into(),
-                None => "response future polled after completion".into(),
+                None => COMPLETED.into(),
             })),
         }
     }
 }
 
+/// What a finished future returns when polled again.
+const COMPLETED: &str = "response future polled after completion";
+
 impl<F, W, P: TokenProvider> fmt::Debug for ResponseFuture<F, W, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Called { .. } => "called",
-            State::Before { before } => match **before {
-                Before::Waiting(_) => "waiting for a token",
-                Before::Refused(_) => "refused",
+            State::Before { before } => match before.0.as_deref() {
+                Some(Before::Waiting(_)) => "waiting for a token",
+                Some(Before::Refused(_)) | None => "refused",
             },
         };
         f.debug_struct("ResponseFuture")

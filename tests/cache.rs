@@ -13,7 +13,7 @@ use std::time::Duration;
 use http::{Request, Response};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_twn_auth::{
     AccessToken, CachedToken, Error, FileSource, InstanceKey, Token, TokenSource, TwnAuth,
     TwnAuthLayer,
@@ -373,6 +373,31 @@ async fn dropping_every_waiter_keeps_fetched_token_for_next_request() {
     send(&service).await.unwrap();
     assert_eq!(Instant::now(), before);
     assert_eq!(seen.all(), ["tok-1"]);
+    assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropped_waiting_request_releases_its_request_and_readied_service_at_once() {
+    let source = Gated::new(false);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone());
+    let service_alive = Arc::new(());
+    let body_alive = Arc::new(());
+    let held = Arc::clone(&service_alive);
+    let mut service = layer.layer(tower::service_fn(move |_: Request<Arc<()>>| {
+        let _held = &held;
+        async { Ok::<_, Infallible>(Response::new(())) }
+    }));
+
+    let request = Request::get(URL).body(Arc::clone(&body_alive)).unwrap();
+    let waiting = service.ready().await.unwrap().call(request);
+    // The readied service went into the future and a clone took its place.
+    assert_eq!(Arc::strong_count(&service_alive), 3);
+    assert_eq!(Arc::strong_count(&body_alive), 2);
+
+    drop(waiting);
+    assert_eq!(Arc::strong_count(&service_alive), 2);
+    assert_eq!(Arc::strong_count(&body_alive), 1);
+    advance(Duration::ZERO).await;
     assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
 }
 
