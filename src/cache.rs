@@ -971,14 +971,15 @@ impl Drop for WatchGuard {
 }
 
 /// What a request gets from its service's token; `R` is what its response future keeps to
-/// report the answer.
-pub(crate) enum Lookup<R = Option<Watch>> {
+/// report the answer, and `N` proves that the token is one that can be missing (`()`; a
+/// fixed token's is uninhabited, so that it never makes a request wait or fail).
+pub(crate) enum Lookup<R = Option<Watch>, N = ()> {
     /// Send this token, and watch the response if rotation detection is on.
     Ready(HeaderValue, R),
     /// Wait for the fetch under way; the handle makes the watch once the token is there.
-    Wait(oneshot::Receiver<Outcome>, CachedToken),
+    Wait(oneshot::Receiver<Outcome>, CachedToken, N),
     /// No token can be had now.
-    Failed(Error),
+    Failed(Error, N),
 }
 
 /// A service's handle on the cache of a token-source layer.
@@ -1025,8 +1026,8 @@ impl CachedToken {
                 }
                 Lookup::Ready(snapshot.value, self.watch(snapshot.generation))
             }
-            Acquire::Wait(rx) => Lookup::Wait(rx, self.clone()),
-            Acquire::Failed(error) => Lookup::Failed(error),
+            Acquire::Wait(rx) => Lookup::Wait(rx, self.clone(), ()),
+            Acquire::Failed(error) => Lookup::Failed(error, ()),
         }
     }
 

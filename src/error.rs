@@ -257,7 +257,8 @@ pub enum Error {
     /// [`allow_plain_http`](crate::TwnAuthLayer::allow_plain_http).
     #[non_exhaustive]
     InsecureDestination {
-        /// The host the request was for.
+        /// The host the request was for. A host longer than 64 bytes is cut to its first 61
+        /// and `...`, so that a refused request's future holds it without an allocation.
         host: String,
     },
     /// The request URI has no scheme or no host, so the layer cannot tell where the
@@ -334,6 +335,69 @@ impl fmt::Display for Error {
             Error::NoRuntime => {
                 f.write_str("fetching a token needs a Tokio runtime, and none is running")
             }
+        }
+    }
+}
+
+/// Why a request was refused from its URI alone, kept in its response future until polled.
+///
+/// It is `Copy`, so that the future has nothing to drop for it: dropping a response future
+/// then comes down to dropping the inner future, whatever the request's fate.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Refusal {
+    /// [`Error::InsecureDestination`], for this host.
+    Insecure(Host),
+    /// [`Error::UnknownDestination`].
+    Unknown,
+    /// The error was returned already.
+    Returned,
+}
+
+/// How many bytes of a refused host a [`Refusal`] keeps.
+const HOST_KEPT: usize = 64;
+
+/// A host, or its first bytes when it is longer than [`HOST_KEPT`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Host {
+    len: u8,
+    cut: bool,
+    bytes: [u8; HOST_KEPT],
+}
+
+impl Host {
+    pub(crate) fn new(host: &str) -> Self {
+        let cut = host.len() > HOST_KEPT;
+        let kept = if cut { HOST_KEPT - 3 } else { host.len() };
+        let mut bytes = [0; HOST_KEPT];
+        bytes[..kept].copy_from_slice(&host.as_bytes()[..kept]);
+        Host {
+            len: kept as u8, // at most `HOST_KEPT`, which fits
+            cut,
+            bytes,
+        }
+    }
+
+    fn into_string(self) -> String {
+        // `Uri` hosts are ASCII, so cutting at any byte leaves valid UTF-8; the lossy
+        // conversion only keeps that from being a promise this code relies on.
+        let kept = String::from_utf8_lossy(&self.bytes[..usize::from(self.len)]);
+        if self.cut {
+            format!("{kept}...")
+        } else {
+            kept.into_owned()
+        }
+    }
+}
+
+impl Refusal {
+    /// Returns the error the first time, `None` after.
+    pub(crate) fn take(&mut self) -> Option<Error> {
+        match std::mem::replace(self, Refusal::Returned) {
+            Refusal::Insecure(host) => Some(Error::InsecureDestination {
+                host: host.into_string(),
+            }),
+            Refusal::Unknown => Some(Error::UnknownDestination),
+            Refusal::Returned => None,
         }
     }
 }

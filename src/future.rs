@@ -16,7 +16,7 @@ use tower_service::Service;
 
 use crate::cache::{Acquire, Cache, CachedToken, Outcome};
 use crate::credentials::{StaticToken, TWN_AUTHENTICATION};
-use crate::error::Error;
+use crate::error::{Error, Refusal};
 use crate::provider::sealed::Provide;
 use crate::provider::TokenProvider;
 
@@ -34,7 +34,7 @@ pin_project! {
     /// `ResponseFuture<F, W, CachedToken>`.
     pub struct ResponseFuture<F, W, P: TokenProvider = StaticToken> {
         #[pin]
-        state: State<F, W>,
+        state: State<F, W, <P as Provide>::Waits>,
         // How to report the server's answer to the cache, when rotation detection is on;
         // nothing for a fixed token.
         report: <P as Provide>::Report,
@@ -43,22 +43,33 @@ pin_project! {
 
 pin_project! {
     // Laid out for the request that went straight to the inner service, as nearly all do:
-    // its future, or a pointer to whatever else happened.
+    // its future, or the stage of a request that has not reached the inner service.
     #[project = StateProj]
-    enum State<F, W> {
+    enum State<F, W, N> {
         Called {
             #[pin]
             future: F,
         },
-        Before {
-            before: Aside<W>,
+        NotCalled {
+            stage: Stage<W, N>,
         },
     }
 }
 
+/// A request that has not reached the inner service: refused from its URI, with nothing to
+/// drop, or on a pointer to what remains (`N` is [`Provide::Waits`]: for a fixed token it is
+/// uninhabited and `Before` cannot exist).
+///
+/// The two sit in an enum of their own rather than beside `Called`: this way, for a fixed
+/// token, the compiler drops a future with no branch for the `Before` that cannot exist,
+/// and dropping a called request's future costs what dropping the inner future costs.
+enum Stage<W, N> {
+    Refused(Refusal),
+    Before(Aside<W>, N),
+}
+
 /// A [`Before`] kept on the heap, out of the called future's way, and dropped by a call out
-/// of line, so that dropping a future whose request was called compiles down to dropping the
-/// inner future and a check. Empty only once dropped.
+/// of line. Empty only once dropped.
 struct Aside<W>(Option<Box<Before<W>>>);
 
 impl<W> Aside<W> {
@@ -82,12 +93,12 @@ fn drop_aside<W>(before: Box<Before<W>>) {
     drop(before);
 }
 
-/// The stage of a [`ResponseFuture`] whose request has not reached the inner service.
+/// What remains of a request that waits for a token, or found none.
 enum Before<W> {
     /// Waiting for a token.
     Waiting(W),
-    /// Refused: the error, until it is returned.
-    Refused(Option<Error>),
+    /// No token could be had: the error, until it is returned.
+    Failed(Option<Error>),
 }
 
 impl<F, W, P: TokenProvider> ResponseFuture<F, W, P> {
@@ -98,19 +109,28 @@ impl<F, W, P: TokenProvider> ResponseFuture<F, W, P> {
         }
     }
 
-    pub(crate) fn refused(error: Error) -> Self {
+    pub(crate) fn refused(refusal: Refusal) -> Self {
         ResponseFuture {
-            state: State::Before {
-                before: Aside::new(Before::Refused(Some(error))),
+            state: State::NotCalled {
+                stage: Stage::Refused(refusal),
             },
             report: Default::default(),
         }
     }
 
-    pub(crate) fn waiting(wait: W) -> Self {
+    pub(crate) fn failed(error: Error, waits: P::Waits) -> Self {
         ResponseFuture {
-            state: State::Before {
-                before: Aside::new(Before::Waiting(wait)),
+            state: State::NotCalled {
+                stage: Stage::Before(Aside::new(Before::Failed(Some(error))), waits),
+            },
+            report: Default::default(),
+        }
+    }
+
+    pub(crate) fn waiting(wait: W, waits: P::Waits) -> Self {
+        ResponseFuture {
+            state: State::NotCalled {
+                stage: Stage::Before(Aside::new(Before::Waiting(wait)), waits),
             },
             report: Default::default(),
         }
@@ -128,16 +148,20 @@ where
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.as_mut().project();
-        let StateProj::Called { future } = this.state.project() else {
-            return self.poll_before_call(cx);
-        };
-        match ready!(future.poll(cx)) {
-            Ok(response) => {
-                sealed::Report::report(this.report, &response);
-                Poll::Ready(Ok(response))
+        loop {
+            let this = self.as_mut().project();
+            if let StateProj::Called { future } = this.state.project() {
+                let output = ready!(future.poll(cx));
+                if let Ok(response) = &output {
+                    sealed::Report::report(this.report, response);
+                }
+                return Poll::Ready(output.map_err(Into::into));
             }
-            Err(error) => Poll::Ready(Err(error.into())),
+            // Out of line and returning no response, so that the response of a called
+            // request is moved as few times as the inner future's own.
+            if let Err(error) = ready!(self.as_mut().poll_before_call(cx)) {
+                return Poll::Ready(Err(error));
+            }
         }
     }
 }
@@ -149,17 +173,26 @@ where
     W: sealed::Wait<F>,
     P: TokenProvider,
 {
-    /// Polls a future whose request has not reached the inner service: it waits for a
-    /// token, or was refused.
+    /// Advances a future whose request has not reached the inner service: it was refused,
+    /// or waits for a token. `Ok` means the request was called, and the future is now in
+    /// that state.
     #[cold]
     #[inline(never)]
-    fn poll_before_call(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<B>, BoxError>> {
-        let mut this = self.as_mut().project();
-        let StateProj::Before { before } = this.state.as_mut().project() else {
-            return self.poll(cx);
+    fn poll_before_call(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let mut this = self.project();
+        let before = match this.state.as_mut().project() {
+            StateProj::Called { .. } => return Poll::Ready(Ok(())),
+            StateProj::NotCalled {
+                stage: Stage::Refused(refusal),
+            } => {
+                return Poll::Ready(Err(match refusal.take() {
+                    Some(error) => error.into(),
+                    None => COMPLETED.into(),
+                }))
+            }
+            StateProj::NotCalled {
+                stage: Stage::Before(before, _),
+            } => before,
         };
         let Some(stage) = before.0.as_deref_mut() else {
             return Poll::Ready(Err(COMPLETED.into()));
@@ -170,14 +203,14 @@ where
                     // The wait handed its request and inner service over: drop what is left.
                     this.state.set(State::Called { future });
                     *this.report = sealed::Report::from_watch(watch);
-                    self.poll(cx)
+                    Poll::Ready(Ok(()))
                 }
                 Err(error) => {
-                    *stage = Before::Refused(None);
+                    *stage = Before::Failed(None);
                     Poll::Ready(Err(error.into()))
                 }
             },
-            Before::Refused(error) => Poll::Ready(Err(match error.take() {
+            Before::Failed(error) => Poll::Ready(Err(match error.take() {
                 Some(error) => error.into(),
                 None => COMPLETED.into(),
             })),
@@ -192,9 +225,14 @@ impl<F, W, P: TokenProvider> fmt::Debug for ResponseFuture<F, W, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let state = match &self.state {
             State::Called { .. } => "called",
-            State::Before { before } => match before.0.as_deref() {
+            State::NotCalled {
+                stage: Stage::Refused(_),
+            } => "refused",
+            State::NotCalled {
+                stage: Stage::Before(before, _),
+            } => match before.0.as_deref() {
                 Some(Before::Waiting(_)) => "waiting for a token",
-                Some(Before::Refused(_)) | None => "refused",
+                Some(Before::Failed(_)) | None => "refused",
             },
         };
         f.debug_struct("ResponseFuture")

@@ -4,6 +4,8 @@
 // so the crate-private types in its signature are unreachable from outside all the same.
 #![allow(private_interfaces)]
 
+use std::convert::Infallible;
+
 use crate::cache::{CachedToken, Lookup};
 use crate::credentials::StaticToken;
 use crate::future::sealed::Report;
@@ -36,22 +38,28 @@ pub(crate) mod sealed {
         /// What a response future keeps to report the server's answer to the token.
         type Report: Report + Send + Sync + 'static;
 
+        /// `()` if the token can be missing, so that a request may wait for it or fail;
+        /// uninhabited if it never is, so that response futures have no room for either.
+        type Waits: Copy + Send + Sync + std::fmt::Debug + 'static;
+
         /// Returns the token for a request.
-        fn lookup(&mut self) -> Lookup<Self::Report>;
+        fn lookup(&mut self) -> Lookup<Self::Report, Self::Waits>;
     }
 }
 
 impl sealed::Provide for StaticToken {
     type Report = ();
+    type Waits = Infallible;
 
     #[inline]
-    fn lookup(&mut self) -> Lookup<()> {
+    fn lookup(&mut self) -> Lookup<(), Infallible> {
         Lookup::Ready(self.0.header_value().clone(), ())
     }
 }
 
 impl sealed::Provide for CachedToken {
     type Report = Option<Watch>;
+    type Waits = ();
 
     #[inline]
     fn lookup(&mut self) -> Lookup {

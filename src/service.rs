@@ -14,7 +14,7 @@ use crate::credentials::{
     InstanceKey, StaticToken, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
 };
 use crate::destination::{Destinations, Verdict};
-use crate::error::Error;
+use crate::error::{Host, Refusal};
 use crate::future::sealed::Report;
 use crate::future::{ResponseFuture, TokenWait};
 use crate::layer::TwnAuthLayer;
@@ -89,7 +89,7 @@ impl<S, P> TwnAuth<S, P> {
 /// What the destination rules and the request's own credentials leave for the layer to do.
 enum Route {
     /// Fail the request without calling the inner service.
-    Refuse(Error),
+    Refuse(Refusal),
     /// The request's headers are settled (stripped, or its own credentials set): send it.
     Send,
     /// Attach the layer's credentials.
@@ -110,10 +110,10 @@ impl<S, P> TwnAuth<S, P> {
                 strip(request.headers_mut());
                 Route::Send
             }
-            Verdict::Insecure => Route::Refuse(Error::InsecureDestination {
-                host: request.uri().host().unwrap_or_default().into(),
-            }),
-            Verdict::Unknown => Route::Refuse(Error::UnknownDestination),
+            Verdict::Insecure => Route::Refuse(Refusal::Insecure(Host::new(
+                request.uri().host().unwrap_or_default(),
+            ))),
+            Verdict::Unknown => Route::Refuse(Refusal::Unknown),
             Verdict::Attach => {
                 let own = request.extensions().get::<TwnCredentials>().map(|own| {
                     (
@@ -177,7 +177,7 @@ where
             && self.shared.destinations.attach_outright(request.uri());
         if !outright {
             match self.route(&mut request) {
-                Route::Refuse(error) => return ResponseFuture::refused(error),
+                Route::Refuse(refusal) => return ResponseFuture::refused(refusal),
                 Route::Send => {
                     return ResponseFuture::called(self.inner.call(request), Default::default())
                 }
@@ -195,11 +195,12 @@ where
                 let report = report.sent_to(request.uri());
                 ResponseFuture::called(self.inner.call(request), report)
             }
-            Lookup::Failed(error) => ResponseFuture::refused(error),
-            Lookup::Wait(rx, handle) => {
+            Lookup::Failed(error, waits) => ResponseFuture::failed(error, waits),
+            Lookup::Wait(rx, handle, waits) => {
                 let clone = self.inner.clone();
                 let readied = std::mem::replace(&mut self.inner, clone);
-                ResponseFuture::waiting(TokenWait::new(rx, readied, request, handle))
+                let wait = TokenWait::new(rx, readied, request, handle);
+                ResponseFuture::waiting(wait, waits)
             }
         }
     }

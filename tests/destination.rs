@@ -263,6 +263,23 @@ async fn plain_http_to_remote_host_is_refused_even_with_explicit_port_or_ip() {
 }
 
 #[tokio::test]
+async fn refused_host_of_64_bytes_is_named_whole_and_a_longer_one_by_its_first_61() {
+    let whole = format!("{}.test", "a".repeat(59));
+    let long = format!("{}.test", "b".repeat(60));
+    assert_eq!((whole.len(), long.len()), (64, 65));
+    let cut = format!("{}...", &long[..61]);
+
+    let cases = [
+        (get(&format!("http://{whole}/")), Outcome::insecure(&whole)),
+        (
+            get(&format!("http://{long}:8080/")),
+            Outcome::insecure(&cut),
+        ),
+    ];
+    assert_outcomes(&static_layer(), cases).await;
+}
+
+#[tokio::test]
 async fn https_and_loopback_http_destinations_carry_both_headers() {
     let uris = [
         "http://127.0.0.1:8080/stats/totalproducts",
