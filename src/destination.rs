@@ -105,13 +105,6 @@ impl Origin {
         })
     }
 
-    /// Whether `authority` is this `https` origin written exactly as the origin stores it:
-    /// lowercase, without user info, with or without the default port.
-    #[inline]
-    fn spelled(&self, authority: &str) -> bool {
-        self.https && self.authorities.iter().any(|known| **known == *authority)
-    }
-
     /// Whether a request for `uri`, whose scheme is `https` or not, goes to this origin.
     fn matches(&self, https: bool, uri: &Uri) -> bool {
         if self.https != https {
@@ -183,7 +176,41 @@ pub(crate) enum Verdict {
 pub(crate) struct Destinations {
     pub(crate) allow_plain_http: bool,
     pub(crate) allow_relative: bool,
-    pub(crate) scope: Option<Arc<[Origin]>>,
+    pub(crate) scope: Option<Scope>,
+}
+
+/// The origins a scoped layer sends credentials to.
+#[derive(Clone)]
+pub(crate) struct Scope {
+    origins: Arc<[Origin]>,
+    /// The authorities of the `https` origins as the origins store them (lowercase, without
+    /// user info, with and without a default port), side by side, for the check that runs on
+    /// every request.
+    https_authorities: Arc<[Box<str>]>,
+}
+
+impl Scope {
+    pub(crate) fn new(origins: Vec<Origin>) -> Self {
+        let https_authorities = origins
+            .iter()
+            .filter(|origin| origin.https)
+            .flat_map(|origin| origin.authorities.iter().cloned())
+            .collect();
+        Scope {
+            origins: origins.into(),
+            https_authorities,
+        }
+    }
+
+    pub(crate) fn origins(&self) -> &[Origin] {
+        &self.origins
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.origins.iter()).finish()
+    }
 }
 
 impl Destinations {
@@ -202,7 +229,10 @@ impl Destinations {
         };
         match &self.scope {
             None => names_a_host(authority),
-            Some(scope) => scope.iter().any(|origin| origin.spelled(authority)),
+            Some(scope) => scope
+                .https_authorities
+                .iter()
+                .any(|known| known.as_bytes() == authority.as_bytes()),
         }
     }
 
@@ -231,7 +261,11 @@ impl Destinations {
         }
 
         if let Some(scope) = &self.scope {
-            if !scope.iter().any(|origin| origin.matches(https, uri)) {
+            if !scope
+                .origins()
+                .iter()
+                .any(|origin| origin.matches(https, uri))
+            {
                 return Verdict::Strip;
             }
         }
@@ -303,10 +337,12 @@ mod tests {
                     allow_plain_http,
                     allow_relative: false,
                     scope: scope.map(|origins| {
-                        origins
-                            .iter()
-                            .map(|origin| Origin::new(origin).expect("a valid origin"))
-                            .collect()
+                        Scope::new(
+                            origins
+                                .iter()
+                                .map(|origin| Origin::new(origin).expect("a valid origin"))
+                                .collect(),
+                        )
                     }),
                 });
             }

@@ -9,7 +9,7 @@ use tower::retry::RetryLayer;
 
 use crate::cache::{Cache, CacheOptions, CachedToken};
 use crate::credentials::{AccessToken, InstanceKey, StaticToken};
-use crate::destination::{Destinations, Origin};
+use crate::destination::{Destinations, Origin, Scope};
 use crate::error::{CredentialKind, InvalidCredential, InvalidReason, LoadError, LoadedFrom};
 use crate::retry::RetryRejected;
 use crate::service::Shared;
@@ -418,11 +418,15 @@ impl<P> TwnAuthLayer<P> {
     /// ```
     pub fn scope(mut self, origin: Origin) -> Self {
         let destinations = &mut Arc::make_mut(&mut self.shared).destinations;
-        let mut origins: Vec<Origin> = destinations.scope.as_deref().unwrap_or_default().to_vec();
+        let mut origins: Vec<Origin> = destinations
+            .scope
+            .as_ref()
+            .map(|scope| scope.origins().to_vec())
+            .unwrap_or_default();
         if !origins.contains(&origin) {
             origins.push(origin);
         }
-        destinations.scope = Some(origins.into());
+        destinations.scope = Some(Scope::new(origins));
         self
     }
 }
