@@ -999,25 +999,29 @@ impl CachedToken {
         &self.cache
     }
 
-    /// Returns the token for a request.
+    /// Returns the token for a request, if one can be had without a lock.
     ///
-    /// The fast path: a usable word names its token's slot in the table of interned values,
-    /// which is read without a lock; one atomic load for the word, one for the slot, and a
-    /// clone of a value whose bytes are `'static`. A token without a slot (past the interning
-    /// budget) and any word that is not usable take the slow path. Either way, a `STALE` word
-    /// starts a background refresh.
+    /// A usable word names its token's slot in the table of interned values, which is read
+    /// without a lock: one atomic load for the word, one for the slot, and a clone of a value
+    /// whose bytes are `'static`. A `STALE` word starts a background refresh. `None` (a token
+    /// without a slot, past the interning budget, or a word that is not usable) leaves the
+    /// request to [`lookup`](Self::lookup).
     #[inline]
-    pub(crate) fn lookup(&mut self) -> Lookup {
+    pub(crate) fn ready(&mut self) -> Option<(HeaderValue, Option<Watch>)> {
         let seen = self.cache.word.0.load(Ordering::Acquire);
-        if phase(seen) != UNUSABLE && (seen & EXPIRES == 0 || !self.cache.past_deadline(seen)) {
-            if let Some(value) = credentials::interned(slot(seen)) {
-                if phase(seen) == STALE {
-                    self.cache.refresh_stale(seen);
-                }
-                return Lookup::Ready(value.clone(), self.watch(generation(seen)));
-            }
+        if phase(seen) == UNUSABLE || (seen & EXPIRES != 0 && self.cache.past_deadline(seen)) {
+            return None;
         }
+        let value = credentials::interned(slot(seen))?;
+        if phase(seen) == STALE {
+            self.cache.refresh_stale(seen);
+        }
+        Some((value.clone(), self.watch(generation(seen))))
+    }
 
+    /// Returns the token for a request that [`ready`](Self::ready) had none for, through
+    /// the cache's lock: a usable token, a fetch to wait for, or why there is neither.
+    pub(crate) fn lookup(&mut self) -> Lookup {
         match self.cache.acquire() {
             Acquire::Ready(snapshot) => {
                 let seen = self.cache.word.0.load(Ordering::Acquire);

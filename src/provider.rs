@@ -6,6 +6,8 @@
 
 use std::convert::Infallible;
 
+use http::HeaderValue;
+
 use crate::cache::{CachedToken, Lookup};
 use crate::credentials::StaticToken;
 use crate::future::sealed::Report;
@@ -42,7 +44,12 @@ pub(crate) mod sealed {
         /// uninhabited if it never is, so that response futures have no room for either.
         type Waits: Copy + Send + Sync + std::fmt::Debug + 'static;
 
-        /// Returns the token for a request.
+        /// Returns the token for a request if it is at hand, the path nearly every request
+        /// takes, inlined into the service's `call`; `Err` sends the request to
+        /// [`lookup`](Self::lookup), and cannot be made for a fixed token.
+        fn ready(&mut self) -> Result<(HeaderValue, Self::Report), Self::Waits>;
+
+        /// Returns the token for a request that [`ready`](Self::ready) had none for.
         fn lookup(&mut self) -> Lookup<Self::Report, Self::Waits>;
     }
 }
@@ -52,6 +59,10 @@ impl sealed::Provide for StaticToken {
     type Waits = Infallible;
 
     #[inline]
+    fn ready(&mut self) -> Result<(HeaderValue, ()), Infallible> {
+        Ok((self.0.header_value().clone(), ()))
+    }
+
     fn lookup(&mut self) -> Lookup<(), Infallible> {
         Lookup::Ready(self.0.header_value().clone(), ())
     }
@@ -62,6 +73,10 @@ impl sealed::Provide for CachedToken {
     type Waits = ();
 
     #[inline]
+    fn ready(&mut self) -> Result<(HeaderValue, Option<Watch>), ()> {
+        CachedToken::ready(self).ok_or(())
+    }
+
     fn lookup(&mut self) -> Lookup {
         CachedToken::lookup(self)
     }

@@ -189,6 +189,28 @@ where
         // must wait for its token takes the key along in its headers.
         let key = self.shared.instance_key.header_value().clone();
         request.headers_mut().insert(TWN_INSTANCEKEY, key);
+        let Ok((token, report)) = self.token.ready() else {
+            return self.call_without_token(request);
+        };
+        request.headers_mut().insert(TWN_AUTHENTICATION, token);
+        let report = report.sent_to(request.uri());
+        ResponseFuture::called(self.inner.call(request), report)
+    }
+}
+
+impl<S, P> TwnAuth<S, P>
+where
+    P: TokenProvider,
+{
+    /// Sends a request whose token was not at hand, or has it wait for one.
+    #[inline(never)]
+    fn call_without_token<B, ResB>(
+        &mut self,
+        mut request: Request<B>,
+    ) -> ResponseFuture<S::Future, TokenWait<S, B>, P>
+    where
+        S: Service<Request<B>, Response = Response<ResB>> + Clone,
+    {
         match self.token.lookup() {
             Lookup::Ready(token, report) => {
                 request.headers_mut().insert(TWN_AUTHENTICATION, token);
