@@ -189,12 +189,14 @@ where
         // must wait for its token takes the key along in its headers.
         let key = self.shared.instance_key.header_value().clone();
         request.headers_mut().insert(TWN_INSTANCEKEY, key);
-        let Ok((token, report)) = self.token.ready() else {
-            return self.call_without_token(request);
-        };
-        request.headers_mut().insert(TWN_AUTHENTICATION, token);
-        let report = report.sent_to(request.uri());
-        ResponseFuture::called(self.inner.call(request), report)
+        match self.token.ready() {
+            Ok((token, report)) => {
+                request.headers_mut().insert(TWN_AUTHENTICATION, token);
+                let report = report.sent_to(request.uri());
+                ResponseFuture::called(self.inner.call(request), report)
+            }
+            Err(_) => self.call_without_token(request),
+        }
     }
 }
 
