@@ -913,14 +913,21 @@ async fn fetch(mut guard: FetchGuard) {
     let timeout = cache.fetch_timeout();
     // A source that never answers must not keep every later request waiting: past the
     // timeout, the fetch counts as failed and the backoff applies.
-    let source = CatchPanic(cache.source.fetch_boxed());
-    let result = match tokio::time::timeout(timeout, source).await {
-        Ok(result) => result,
-        Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
+    // The source can panic in `fetch` itself, before it has a future to return, as well as
+    // in the future: both are failed fetches.
+    let result = match std::panic::catch_unwind(AssertUnwindSafe(|| cache.source.fetch_boxed())) {
+        Ok(source) => match tokio::time::timeout(timeout, CatchPanic(source)).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no token within {} ms", timeout.as_millis()).into()),
+        },
+        Err(_) => Err(PANICKED.into()),
     };
     cache.complete(guard.id, result, guard.started);
     guard.finished = true;
 }
+
+/// What a fetch whose source panicked fails with.
+const PANICKED: &str = "the token source panicked";
 
 /// The source's future, with a panic turned into an error: a source that panics fails like
 /// one that returns an error, and is backed off.
@@ -933,7 +940,7 @@ impl Future for CatchPanic<'_> {
         let fetch = &mut self.0;
         match std::panic::catch_unwind(AssertUnwindSafe(|| fetch.as_mut().poll(cx))) {
             Ok(poll) => poll,
-            Err(_) => Poll::Ready(Err("the token source panicked".into())),
+            Err(_) => Poll::Ready(Err(PANICKED.into())),
         }
     }
 }

@@ -597,7 +597,7 @@ async fn invalid_token_from_source_is_an_error_never_a_header() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn panicking_source_is_a_failure_backed_off_like_any_other() {
+async fn source_panicking_in_its_future_is_a_failure_backed_off_like_any_other() {
     let calls = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&calls);
     let source = move || {
@@ -609,8 +609,26 @@ async fn panicking_source_is_a_failure_backed_off_like_any_other() {
             Ok(token("tok-after-panic"))
         }
     };
-    let layer = TwnAuthLayer::with_token_source(key(), source)
-        .backoff(Duration::from_secs(2), Duration::from_secs(2));
+    assert_panic_is_backed_off(TwnAuthLayer::with_token_source(key(), source), &calls).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn source_panicking_before_it_returns_a_future_is_a_failure_backed_off_too() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let source = move || {
+        if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            panic!("source bug");
+        }
+        async { Ok(token("tok-after-panic")) }
+    };
+    assert_panic_is_backed_off(TwnAuthLayer::with_token_source(key(), source), &calls).await;
+}
+
+/// Checks that the first fetch of `layer`, whose source panics once, fails the request with
+/// `Error::Fetch` and that the source is not asked again until the backoff has passed.
+async fn assert_panic_is_backed_off(layer: TwnAuthLayer<CachedToken>, calls: &AtomicUsize) {
+    let layer = layer.backoff(Duration::from_secs(2), Duration::from_secs(2));
     let seen = Seen::default();
     let service = service(&layer, &seen);
 
