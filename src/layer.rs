@@ -104,6 +104,10 @@ impl TwnAuthLayer<CachedToken> {
     ///   Without a usable token, the requests waiting for the fetch get
     ///   [`Error::Fetch`](crate::Error::Fetch), and so does every request until the backoff has
     ///   passed; the first request after it starts a new fetch.
+    /// * **Configuring.** Each builder call below gives the layer a new, empty cache. Make every
+    ///   call before cloning the layer, making services from it or taking its
+    ///   [`retry_layer`](Self::retry_layer): those made earlier keep the old cache, and fetch
+    ///   and rotate on their own.
     ///
     /// A request waits for a token in its response future, after `poll_ready`: it holds
     /// whatever the inner service reserved for it (a concurrency permit, a buffer slot) while
@@ -314,7 +318,12 @@ impl TwnAuthLayer<CachedToken> {
     ///
     /// It is [`tower::retry::RetryLayer`] with the [`RetryRejected`] policy, retrying on the
     /// statuses [`detect_rotation`](Self::detect_rotation) watches; without rotation
-    /// detection it retries nothing. It must sit **outside** the authentication layer, so
+    /// detection it retries nothing.
+    ///
+    /// Take it from the finished layer, after every builder call: each one
+    /// (`detect_rotation`, `refresh_ahead` and the others) gives the layer a cache of its own,
+    /// and a retry layer taken before it works with the cache the layer no longer uses. One
+    /// taken before `detect_rotation`, say, retries nothing. It must sit **outside** the authentication layer, so
     /// that the retried request passes through it again, and directly outside it: the policy
     /// notes which token a request will carry as it passes, and a layer between the two that
     /// holds requests back (a rate limit, an async filter) lets that token be replaced in the
