@@ -148,21 +148,30 @@ where
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let this = self.as_mut().project();
-            if let StateProj::Called { future } = this.state.project() {
-                let output = ready!(future.poll(cx));
-                if let Ok(response) = &output {
-                    sealed::Report::report(this.report, response);
-                }
-                return Poll::Ready(output.map_err(Into::into));
+        let this = self.as_mut().project();
+        match this.state.project() {
+            StateProj::Called { future } => {
+                return match future.poll(cx) {
+                    Poll::Ready(Ok(response)) => {
+                        sealed::Report::report(this.report, &response);
+                        Poll::Ready(Ok(response))
+                    }
+                    Poll::Ready(Err(error)) => Poll::Ready(Err(error.into())),
+                    Poll::Pending => Poll::Pending,
+                };
             }
-            // Out of line and returning no response, so that the response of a called
-            // request is moved as few times as the inner future's own.
-            if let Err(error) = ready!(self.as_mut().poll_before_call(cx)) {
-                return Poll::Ready(Err(error));
-            }
+            // Both arms out of line. For a fixed token, whose requests never wait, the
+            // second cannot happen, so the compiler knows that the state either was called
+            // and polled or is left as it was: dropping the future after its answer then
+            // needs no check, and the response is not copied aside for one.
+            StateProj::NotCalled {
+                stage: Stage::Refused(refusal),
+            } => return Poll::Ready(Err(refused(refusal))),
+            StateProj::NotCalled {
+                stage: Stage::Before(..),
+            } => {}
         }
+        self.poll_before_call(cx)
     }
 }
 
@@ -173,26 +182,21 @@ where
     W: sealed::Wait<F>,
     P: TokenProvider,
 {
-    /// Advances a future whose request has not reached the inner service: it was refused,
-    /// or waits for a token. `Ok` means the request was called, and the future is now in
-    /// that state.
+    /// Advances a future whose request waits for a token or found none; once the wait has
+    /// called the inner service, goes on as a called request's future.
     #[cold]
     #[inline(never)]
-    fn poll_before_call(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        let mut this = self.project();
-        let before = match this.state.as_mut().project() {
-            StateProj::Called { .. } => return Poll::Ready(Ok(())),
-            StateProj::NotCalled {
-                stage: Stage::Refused(refusal),
-            } => {
-                return Poll::Ready(Err(match refusal.take() {
-                    Some(error) => error.into(),
-                    None => COMPLETED.into(),
-                }))
-            }
-            StateProj::NotCalled {
-                stage: Stage::Before(before, _),
-            } => before,
+    fn poll_before_call(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<B>, BoxError>> {
+        let mut this = self.as_mut().project();
+        let StateProj::NotCalled {
+            stage: Stage::Before(before, _),
+        } = this.state.as_mut().project()
+        else {
+            // `poll` sends only requests before their call here; any other it handles.
+            return self.poll(cx);
         };
         let Some(stage) = before.0.as_deref_mut() else {
             return Poll::Ready(Err(COMPLETED.into()));
@@ -203,18 +207,33 @@ where
                     // The wait handed its request and inner service over: drop what is left.
                     this.state.set(State::Called { future });
                     *this.report = sealed::Report::from_watch(watch);
-                    Poll::Ready(Ok(()))
                 }
                 Err(error) => {
                     *stage = Before::Failed(None);
-                    Poll::Ready(Err(error.into()))
+                    return Poll::Ready(Err(error.into()));
                 }
             },
-            Before::Failed(error) => Poll::Ready(Err(match error.take() {
-                Some(error) => error.into(),
-                None => COMPLETED.into(),
-            })),
+            Before::Failed(error) => return Poll::Ready(Err(once(error.take()))),
         }
+        self.poll(cx)
+    }
+}
+
+/// Returns the error of a refused request, as [`once`] does.
+#[cold]
+#[inline(never)]
+fn refused(refusal: &mut Refusal) -> BoxError {
+    once(refusal.take())
+}
+
+/// Returns the error of a request that did not reach the inner service the first time it
+/// is asked for (`Some`), and after that says that it was returned already.
+#[cold]
+#[inline(never)]
+fn once(error: Option<Error>) -> BoxError {
+    match error {
+        Some(error) => error.into(),
+        None => COMPLETED.into(),
     }
 }
 
