@@ -548,6 +548,49 @@ async fn failed_fetch_without_token_fails_waiters_then_next_request_retries_afte
     assert_eq!(seen.all(), ["tok-1"]);
 }
 
+/// Polls `future` to its end, then once more, and returns both results.
+async fn poll_twice<F>(
+    future: F,
+) -> (
+    Result<Response<()>, BoxError>,
+    Result<Response<()>, BoxError>,
+)
+where
+    F: std::future::Future<Output = Result<Response<()>, BoxError>>,
+{
+    let mut future = std::pin::pin!(future);
+    let first = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+    let again = std::future::poll_fn(|cx| future.as_mut().poll(cx)).await;
+    (first, again)
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_futures_return_their_error_once_then_an_error_not_a_panic() {
+    let source = Script::new(vec![Err("secret store unavailable")]);
+    let layer = TwnAuthLayer::with_token_source(key(), source.clone())
+        .backoff(Duration::from_secs(2), Duration::from_secs(2));
+    let seen = Seen::default();
+    let mut service = service(&layer, &seen);
+
+    // One request waits for the fetch, which fails; the next finds the failure in backoff.
+    for waited in [true, false] {
+        let future = service.ready().await.unwrap().call(request());
+        let waiting = format!("{future:?}").contains("waiting for a token");
+        assert_eq!(waiting, waited, "{future:?}");
+        let (first, again) = poll_twice(future).await;
+        let first = first.expect_err("no token, no request");
+        assert!(
+            matches!(first.downcast_ref::<Error>(), Some(Error::Fetch { .. })),
+            "{first}"
+        );
+        let again = again.expect_err("a finished future fails again");
+        assert!(again.downcast_ref::<Error>().is_none(), "{again}");
+        assert!(again.to_string().contains("after completion"), "{again}");
+    }
+    assert_eq!(source.fetches(), 1);
+    assert!(seen.all().is_empty(), "the inner service was called");
+}
+
 /// Returns the `N` of the " (next attempt in N ms)" that ends `message`.
 fn next_attempt_ms(message: &str) -> u128 {
     let (_, rest) = message
