@@ -19,6 +19,8 @@
 //!
 //! `cargo bench --bench overhead` runs everything (about a minute on two idle cores).
 //! `cargo test --benches` runs each part once, on small counts, and prints no table.
+//! `benches/instructions.sh` counts instructions per call with valgrind, through
+//! `--calls VARIANT N`, which makes `N` calls through one variant and nothing else.
 
 // Tests and benchmarks need Rust 1.88, as their dev-dependencies do; the `rust-version`
 // that Clippy checks API use against is what the library alone needs.
@@ -545,6 +547,13 @@ fn main() {
         .build()
         .expect("a Tokio runtime");
 
+    if let Some(at) = args.iter().position(|a| a == "--calls") {
+        let variant = args.get(at + 1).map(String::as_str).unwrap_or_default();
+        let calls = args.get(at + 2).and_then(|n| n.parse().ok()).unwrap_or(0);
+        only_calls(&rt, variant, calls);
+        return;
+    }
+
     let mut c = Criterion::default()
         .sample_size(SAMPLE_SIZE)
         .warm_up_time(Duration::from_secs(1))
@@ -588,6 +597,31 @@ fn main() {
 
     if full {
         summary(&allocs, &scaling, refresh);
+    }
+}
+
+/// Makes `calls` calls through one variant and nothing else, for an instruction counter to
+/// measure: `benches/instructions.sh` runs this under valgrind with two counts and divides
+/// the difference, so that start-up and set-up cancel out.
+fn only_calls(rt: &Runtime, variant: &str, calls: u64) {
+    match variant {
+        "bare" => call_n(&mut bare(), calls),
+        "floor" => call_n(&mut floor(), calls),
+        "tower-http" => call_n(&mut tower_http_twice(), calls),
+        "static" => call_n(&mut twn_static(), calls),
+        "scoped" => call_n(&mut twn_scoped(), calls),
+        "cached" => {
+            let mut service = twn_cached(rt);
+            let _entered = rt.enter();
+            call_n(&mut service, calls)
+        }
+        other => {
+            eprintln!(
+                "--calls takes a variant (bare, floor, tower-http, static, scoped, cached) \
+                 and a count; got {other:?}"
+            );
+            std::process::exit(2);
+        }
     }
 }
 
