@@ -148,81 +148,77 @@ where
 
     #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.as_mut().project();
-        match this.state.project() {
-            StateProj::Called { future } => {
-                return match future.poll(cx) {
-                    Poll::Ready(Ok(response)) => {
-                        sealed::Report::report(this.report, &response);
-                        Poll::Ready(Ok(response))
-                    }
-                    Poll::Ready(Err(error)) => Poll::Ready(Err(error.into())),
-                    Poll::Pending => Poll::Pending,
-                };
-            }
-            // Both arms out of line. For a fixed token, whose requests never wait, the
-            // second cannot happen, so the compiler knows that the state either was called
-            // and polled or is left as it was: dropping the future after its answer then
-            // needs no check, and the response is not copied aside for one.
-            StateProj::NotCalled {
-                stage: Stage::Refused(refusal),
-            } => return Poll::Ready(Err(refused(refusal))),
-            StateProj::NotCalled {
-                stage: Stage::Before(..),
-            } => {}
+        // Only the first arm returns a response, and what is out of line gets values or a
+        // pointer into the heap, never the future's address: after a called request's
+        // answer the compiler knows the future's state. For a fixed token, whose futures
+        // cannot wait, it then drops the future with no check and without copying the
+        // response aside; a cached token's future keeps a drop of its own, a call out of
+        // line.
+        loop {
+            let mut this = self.as_mut().project();
+            let before = match this.state.as_mut().project() {
+                StateProj::Called { future } => {
+                    return match future.poll(cx) {
+                        Poll::Ready(Ok(response)) => {
+                            sealed::Report::report(this.report, &response);
+                            Poll::Ready(Ok(response))
+                        }
+                        Poll::Ready(Err(error)) => Poll::Ready(Err(error.into())),
+                        Poll::Pending => Poll::Pending,
+                    };
+                }
+                StateProj::NotCalled {
+                    stage: Stage::Refused(refusal),
+                } => {
+                    let refusal = std::mem::replace(refusal, Refusal::Returned);
+                    return Poll::Ready(Err(refused(refusal)));
+                }
+                // For a fixed token, whose requests never wait, this cannot happen.
+                StateProj::NotCalled {
+                    stage: Stage::Before(before, _),
+                } => before.0.as_deref_mut(),
+            };
+            let (future, watch) = match ready!(poll_before_call(before, cx)) {
+                Ok(called) => called,
+                Err(error) => return Poll::Ready(Err(error)),
+            };
+            // The wait handed its request and inner service over: drop what is left.
+            this.state.set(State::Called { future });
+            *this.report = sealed::Report::from_watch(watch);
         }
-        self.poll_before_call(cx)
     }
 }
 
-impl<F, W, P, B, E> ResponseFuture<F, W, P>
+/// Advances a request that waits for a token or found none, until the wait has called the
+/// inner service; `None` is a request whose error was returned already.
+#[cold]
+#[inline(never)]
+fn poll_before_call<W, F>(
+    before: Option<&mut Before<W>>,
+    cx: &mut Context<'_>,
+) -> Poll<Result<(F, Option<Watch>), BoxError>>
 where
-    F: Future<Output = Result<Response<B>, E>>,
-    E: Into<BoxError>,
     W: sealed::Wait<F>,
-    P: TokenProvider,
 {
-    /// Advances a future whose request waits for a token or found none; once the wait has
-    /// called the inner service, goes on as a called request's future.
-    #[cold]
-    #[inline(never)]
-    fn poll_before_call(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<B>, BoxError>> {
-        let mut this = self.as_mut().project();
-        let StateProj::NotCalled {
-            stage: Stage::Before(before, _),
-        } = this.state.as_mut().project()
-        else {
-            // `poll` sends only requests before their call here; any other it handles.
-            return self.poll(cx);
-        };
-        let Some(stage) = before.0.as_deref_mut() else {
-            return Poll::Ready(Err(COMPLETED.into()));
-        };
-        match stage {
-            Before::Waiting(wait) => match ready!(wait.poll_call(cx)) {
-                Ok((future, watch)) => {
-                    // The wait handed its request and inner service over: drop what is left.
-                    this.state.set(State::Called { future });
-                    *this.report = sealed::Report::from_watch(watch);
-                }
-                Err(error) => {
-                    *stage = Before::Failed(None);
-                    return Poll::Ready(Err(error.into()));
-                }
-            },
-            Before::Failed(error) => return Poll::Ready(Err(once(error.take()))),
-        }
-        self.poll(cx)
+    let Some(stage) = before else {
+        return Poll::Ready(Err(COMPLETED.into()));
+    };
+    match stage {
+        Before::Waiting(wait) => match ready!(wait.poll_call(cx)) {
+            Ok(called) => Poll::Ready(Ok(called)),
+            Err(error) => {
+                *stage = Before::Failed(None);
+                Poll::Ready(Err(error.into()))
+            }
+        },
+        Before::Failed(error) => Poll::Ready(Err(once(error.take()))),
     }
 }
 
 /// Returns the error of a refused request, as [`once`] does.
 #[cold]
 #[inline(never)]
-fn refused(refusal: &mut Refusal) -> BoxError {
+fn refused(mut refusal: Refusal) -> BoxError {
     once(refusal.take())
 }
 
@@ -391,21 +387,42 @@ pub(crate) mod sealed {
         fn from_watch(_watch: Option<Watch>) -> Self {}
     }
 
-    impl Report for Option<Watch> {
+    /// What a cached token's response future keeps to report its answer: a [`Watch`] when
+    /// rotation detection is on. Its drop is a check inline and the rest out of line, so
+    /// that dropping a future whose answer was reported, as nearly all are, costs a branch.
+    #[derive(Debug, Default)]
+    pub struct Watching(pub(crate) Option<Watch>);
+
+    impl Drop for Watching {
         #[inline]
-        fn sent_to(self, uri: &http::Uri) -> Self {
-            self.map(|watch| watch.sent_to(uri))
+        fn drop(&mut self) {
+            if let Some(watch) = self.0.take() {
+                drop_watch(watch);
+            }
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn drop_watch(watch: Watch) {
+        drop(watch);
+    }
+
+    impl Report for Watching {
+        #[inline]
+        fn sent_to(mut self, uri: &http::Uri) -> Self {
+            Watching(self.0.take().map(|watch| watch.sent_to(uri)))
         }
 
         #[inline]
         fn report<B>(&mut self, response: &Response<B>) {
-            if let Some(watch) = self.take() {
+            if let Some(watch) = self.0.take() {
                 watch.report(response);
             }
         }
 
         fn from_watch(watch: Option<Watch>) -> Self {
-            watch
+            Watching(watch)
         }
     }
 

@@ -10,8 +10,7 @@ use http::HeaderValue;
 
 use crate::cache::{CachedToken, Lookup};
 use crate::credentials::StaticToken;
-use crate::future::sealed::Report;
-use crate::future::Watch;
+use crate::future::sealed::{Report, Watching};
 
 /// How a [`TwnAuth`](crate::TwnAuth) service gets its token: [`StaticToken`] for a layer built
 /// with [`TwnAuthLayer::new`](crate::TwnAuthLayer::new), [`CachedToken`] for one built with a
@@ -69,15 +68,22 @@ impl sealed::Provide for StaticToken {
 }
 
 impl sealed::Provide for CachedToken {
-    type Report = Option<Watch>;
+    type Report = Watching;
     type Waits = ();
 
     #[inline]
-    fn ready(&mut self) -> Result<(HeaderValue, Option<Watch>), ()> {
-        CachedToken::ready(self).ok_or(())
+    fn ready(&mut self) -> Result<(HeaderValue, Watching), ()> {
+        match CachedToken::ready(self) {
+            Some((token, watch)) => Ok((token, Watching(watch))),
+            None => Err(()),
+        }
     }
 
-    fn lookup(&mut self) -> Lookup {
-        CachedToken::lookup(self)
+    fn lookup(&mut self) -> Lookup<Watching> {
+        match CachedToken::lookup(self) {
+            Lookup::Ready(token, watch) => Lookup::Ready(token, Watching(watch)),
+            Lookup::Wait(rx, handle, waits) => Lookup::Wait(rx, handle, waits),
+            Lookup::Failed(error, waits) => Lookup::Failed(error, waits),
+        }
     }
 }
