@@ -24,7 +24,8 @@ use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt};
 use tower_test::mock;
 use tower_twn_auth::{
     AccessToken, CachedToken, Error, InstanceKey, InvalidCredential, LoadError, ResponseFuture,
-    TwnAuth, TwnAuthLayer, TwnCredentials, TWN_AUTHENTICATION, TWN_INSTANCEKEY,
+    StaticToken, TokenProvider, TwnAuth, TwnAuthLayer, TwnCredentials, TWN_AUTHENTICATION,
+    TWN_INSTANCEKEY,
 };
 
 const KEY: &str = "ik-3f8c1a2b";
@@ -775,6 +776,22 @@ fn auto_traits_follow_the_inner_service<S: Send + Sync + Clone, F: Send, B: Send
     assert_send_sync_clone::<TwnAuth<S>>();
     assert_send_type::<ResponseFuture<F, tower_twn_auth::future::TokenWait<S, B>>>();
     assert_send_type::<ResponseFuture<F, tower_twn_auth::future::TokenWait<S, B>, CachedToken>>();
+    auto_traits_hold_for_any_token_provider::<StaticToken, S, F, B>();
+    auto_traits_hold_for_any_token_provider::<CachedToken, S, F, B>();
+}
+
+/// Holds in code generic over the token provider too, which knows of `P` only the trait: a
+/// future such code spawns is `Send` without naming the provider.
+fn auto_traits_hold_for_any_token_provider<P, S, F, B>()
+where
+    P: TokenProvider,
+    S: Send + Sync + Clone,
+    F: Send,
+    B: Send,
+{
+    assert_send_sync_clone::<TwnAuthLayer<P>>();
+    assert_send_sync_clone::<TwnAuth<S, P>>();
+    assert_send_type::<ResponseFuture<F, tower_twn_auth::future::TokenWait<S, B>, P>>();
 }
 
 #[tokio::test]
