@@ -81,16 +81,22 @@ impl<W> Aside<W> {
 impl<W> Drop for Aside<W> {
     #[inline]
     fn drop(&mut self) {
-        if let Some(before) = self.0.take() {
-            drop_aside(before);
-        }
+        drop_cold(self.0.take());
     }
 }
 
-#[cold]
-#[inline(never)]
-fn drop_aside<W>(before: Box<Before<W>>) {
-    drop(before);
+/// Drops `value` if there is one, by a call out of line: for the parts of a future that
+/// are empty by the time nearly every future is dropped.
+#[inline]
+fn drop_cold<T>(value: Option<T>) {
+    #[cold]
+    #[inline(never)]
+    fn drop_out_of_line<T>(value: T) {
+        drop(value);
+    }
+    if let Some(value) = value {
+        drop_out_of_line(value);
+    }
 }
 
 /// What remains of a request that waits for a token, or found none.
@@ -396,16 +402,8 @@ pub(crate) mod sealed {
     impl Drop for Watching {
         #[inline]
         fn drop(&mut self) {
-            if let Some(watch) = self.0.take() {
-                drop_watch(watch);
-            }
+            drop_cold(self.0.take());
         }
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn drop_watch(watch: Watch) {
-        drop(watch);
     }
 
     impl Report for Watching {
