@@ -420,9 +420,9 @@ fn scaling(rt: &Runtime, calls: u64, repetitions: usize) -> Vec<Scaling> {
     }
 
     let handle = rt.handle();
-    let (bare, floor, twn_static, cached) = (bare(), floor(), twn_static(), twn_cached(rt));
-    let control = floor_shared();
-    let mut rows: Vec<Scaling> = [BARE, FLOOR, STATIC, CACHED, CONTROL]
+    let (bare, floor, twn_static, scoped) = (bare(), floor(), twn_static(), twn_scoped());
+    let (cached, control) = (twn_cached(rt), floor_shared());
+    let mut rows: Vec<Scaling> = [BARE, FLOOR, STATIC, SCOPED, CACHED, CONTROL]
         .into_iter()
         .map(|name| Scaling {
             name,
@@ -438,8 +438,9 @@ fn scaling(rt: &Runtime, calls: u64, repetitions: usize) -> Vec<Scaling> {
         measure(&bare, calls, handle, &mut rows[0]);
         measure(&floor, calls, handle, &mut rows[1]);
         measure(&twn_static, calls, handle, &mut rows[2]);
-        measure(&cached, calls, handle, &mut rows[3]);
-        measure(&control, calls, handle, &mut rows[4]);
+        measure(&scoped, calls, handle, &mut rows[3]);
+        measure(&cached, calls, handle, &mut rows[4]);
+        measure(&control, calls, handle, &mut rows[5]);
     }
     rows
 }
