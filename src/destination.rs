@@ -165,9 +165,10 @@ pub(crate) enum Verdict {
     Attach,
     /// Outside the scope: send the request without any TWN header.
     Strip,
-    /// Plain http (or another scheme) to a host that is not loopback: refuse it.
+    /// Plain http to a host that is not loopback, or another scheme, or a host named with no
+    /// scheme: refuse it.
     Insecure,
-    /// No scheme or host: refuse it.
+    /// Neither scheme nor authority, or an authority with no host: refuse it.
     Unknown,
 }
 
@@ -249,8 +250,7 @@ impl Destinations {
             Some("http") => false,
             Some(_) if self.scope.is_some() => return Verdict::Strip,
             Some(_) => return Verdict::Insecure,
-            None if self.allow_relative => return Verdict::Attach,
-            None => return Verdict::Unknown,
+            None => return self.verdict_without_scheme(uri),
         };
         if https && self.scope.is_none() {
             // Only the host's presence is left to check.
@@ -276,6 +276,20 @@ impl Destinations {
             Some(host) if is_loopback(host) => Verdict::Attach,
             Some(host) if !host.is_empty() => Verdict::Insecure,
             _ => Verdict::Unknown,
+        }
+    }
+
+    /// The verdict on a URI with no scheme. With no authority either (`/path`, `*`), it goes
+    /// wherever the connection beneath goes. With one (authority-form, as `CONNECT` uses), it
+    /// names a host but not https: like another scheme, it is refused, or outside a scope.
+    #[cold]
+    fn verdict_without_scheme(&self, uri: &Uri) -> Verdict {
+        match uri.authority() {
+            Some(_) if self.scope.is_some() => Verdict::Strip,
+            Some(authority) if names_a_host(authority.as_str()) => Verdict::Insecure,
+            Some(_) => Verdict::Unknown,
+            None if self.allow_relative => Verdict::Attach,
+            None => Verdict::Unknown,
         }
     }
 }
@@ -373,6 +387,7 @@ mod tests {
         "http://api.example.test:80/",
         "ws://navigator-api.tweakwise.com/",
         "/stats/totalproducts",
+        "navigator-api.tweakwise.com:443",
     ];
 
     #[test]

@@ -252,17 +252,23 @@ pub(crate) type SharedCause = Arc<dyn StdError + Send + Sync>;
 #[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum Error {
-    /// The request is plain `http` to a host that is not loopback, and the layer was not told
-    /// to allow that with
-    /// [`allow_plain_http`](crate::TwnAuthLayer::allow_plain_http).
+    /// The request would not go over https: it is plain `http` to a host that is not
+    /// loopback, and the layer was not told to allow that with
+    /// [`allow_plain_http`](crate::TwnAuthLayer::allow_plain_http); or its scheme is neither
+    /// `https` nor `http` (`ws`, `ftp`, ...), or it names a host with no scheme at all (the
+    /// authority-form of `CONNECT`), to any host, loopback included, whatever the options.
+    ///
+    /// With a [scope](crate::TwnAuthLayer::scope), a request of the second kind is outside
+    /// it, and is sent without either header instead.
     #[non_exhaustive]
     InsecureDestination {
         /// The host the request was for. A host longer than 64 bytes is cut to its first 61
         /// and `...`, so that a refused request's future holds it without an allocation.
         host: String,
     },
-    /// The request URI has no scheme or no host, so the layer cannot tell where the
-    /// credentials would go. See [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
+    /// The request URI has neither scheme nor authority (`/stats/totalproducts`, `*`), or
+    /// its authority names no host, so the layer cannot tell where the credentials would
+    /// go. See [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
     ///
     /// Not every URI without a host gets this error:
     ///

@@ -390,7 +390,7 @@ impl<P> TwnAuthLayer<P> {
         self
     }
 
-    /// Allows credentials on requests whose URI has no scheme or no host, such as
+    /// Allows credentials on requests whose URI has neither scheme nor authority, such as
     /// `/stats/totalproducts`.
     ///
     /// Such requests go to wherever the connection beneath was opened, which the layer cannot
@@ -400,6 +400,12 @@ impl<P> TwnAuthLayer<P> {
     /// inner service sends over a connection you opened to the Tweakwise API yourself (for
     /// example a `Service` around hyper's `client::conn` sender, over TLS). The
     /// [scope](Self::scope) does not apply to them.
+    ///
+    /// A URI that names a host without a scheme (`api.example.test:443`, the authority-form
+    /// of `CONNECT`) is not one of them: a client connects to that host, and not over https,
+    /// so it is refused with
+    /// [`Error::InsecureDestination`](crate::Error::InsecureDestination), or sent without
+    /// either header under a scope, with this option or without.
     pub fn allow_relative_uris(mut self) -> Self {
         Arc::make_mut(&mut self.shared).destinations.allow_relative = true;
         self

@@ -36,8 +36,9 @@
 //! * It sets exactly one `TWN-InstanceKey` and one `TWN-Authentication`, replacing any value
 //!   the request already had. Both are marked [sensitive](http::HeaderValue::is_sensitive):
 //!   `Debug` output hides them and HTTP/2 sends them never-indexed.
-//! * It refuses plain `http` to any host but loopback, and requests with no scheme or host,
-//!   with an [`Error`] and without calling the inner service (see
+//! * It refuses plain `http` to any host but loopback, other schemes (`ws`, `ftp`, or none
+//!   before a host), and requests with neither scheme nor host, with an [`Error`] and
+//!   without calling the inner service (see
 //!   [`allow_plain_http`](TwnAuthLayer::allow_plain_http) and
 //!   [`allow_relative_uris`](TwnAuthLayer::allow_relative_uris)). One kind of host-less URI
 //!   is not refused: an empty host behind user info, as in `https://user@:443/`, which the

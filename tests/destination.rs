@@ -335,6 +335,50 @@ async fn allow_relative_uris_still_refuses_plain_http_to_remote_host() {
     assert_eq!(outcome, Outcome::insecure("api.example.test"));
 }
 
+fn connect(authority: &str) -> Request<()> {
+    Request::connect(authority).body(()).expect("valid request")
+}
+
+#[tokio::test]
+async fn authority_form_uri_is_refused_as_insecure_whatever_the_options() {
+    // It names a host but not https; a client such as hyper-util's connects to that host in
+    // plain text, so no option for relative URIs or plain http lets credentials go with it.
+    for (label, layer) in [
+        ("default layer", static_layer()),
+        ("allow_relative_uris", static_layer().allow_relative_uris()),
+        (
+            "allow_plain_http, allow_relative_uris",
+            static_layer().allow_plain_http().allow_relative_uris(),
+        ),
+    ] {
+        for (authority, host) in [
+            ("api.example.test:443", "api.example.test"),
+            (
+                "navigator-api.tweakwise.com:443",
+                "navigator-api.tweakwise.com",
+            ),
+            ("127.0.0.1:8080", "127.0.0.1"),
+        ] {
+            let outcome = send(&layer, connect(authority)).await;
+            assert_eq!(outcome, Outcome::insecure(host), "{label}: {authority}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn scoped_layer_sends_authority_form_uri_without_twn_headers() {
+    let layer = scoped_to_tweakwise(static_layer()).allow_relative_uris();
+    let mut request = with_stale_headers("/");
+    *request.method_mut() = http::Method::CONNECT;
+    *request.uri_mut() = "navigator-api.tweakwise.com:443"
+        .parse()
+        .expect("a valid URI");
+
+    let outcome = send(&layer, request).await;
+
+    assert_eq!(outcome, Outcome::stripped());
+}
+
 #[tokio::test]
 async fn other_schemes_are_refused_without_calling_inner_even_with_allow_plain_http() {
     for (label, layer) in [
@@ -734,6 +778,8 @@ async fn cached_layer_refuses_relative_uri_and_other_schemes_without_calling_inn
     let layer = layer.allow_relative_uris();
     let outcome = send(&layer, get("/stats/totalproducts")).await;
     assert_eq!(outcome, Outcome::source_pair());
+    let outcome = send(&layer, connect("api.example.test:443")).await;
+    assert_eq!(outcome, Outcome::insecure("api.example.test"));
 }
 
 #[tokio::test]
