@@ -40,6 +40,9 @@ impl CredentialKind {
 #[non_exhaustive]
 pub enum InvalidReason {
     /// The value is empty (after trimming, for values read from the environment or a file).
+    ///
+    /// For values read from the environment or a file, the offsets below count from the
+    /// first byte after the surrounding whitespace, which is trimmed before the check.
     Empty,
     /// The value starts with a space or a tab.
     LeadingWhitespace,
@@ -175,6 +178,19 @@ pub enum LoadError {
         /// The variable that was looked up.
         variable: String,
     },
+    /// Neither way of giving the access token is set: the variable that holds it, or the one
+    /// that names a file holding it.
+    MissingToken {
+        /// The variable that holds the token itself.
+        value_variable: String,
+        /// The variable that names a file holding the token.
+        file_variable: String,
+    },
+    /// The variable that names a file is set, but to nothing but whitespace.
+    EmptyPath {
+        /// The variable that was looked up.
+        variable: String,
+    },
     /// Both ways of giving the access token are set, and only one may be.
     Conflict {
         /// The variable that holds the token itself.
@@ -208,6 +224,17 @@ impl fmt::Display for LoadError {
             LoadError::NotUnicode { variable } => {
                 write!(f, "environment variable {variable} is not valid Unicode")
             }
+            LoadError::MissingToken {
+                value_variable,
+                file_variable,
+            } => write!(
+                f,
+                "neither {value_variable} nor {file_variable} is set; set one of them"
+            ),
+            LoadError::EmptyPath { variable } => write!(
+                f,
+                "environment variable {variable} is empty; set it to the path of a file"
+            ),
             LoadError::Conflict {
                 value_variable,
                 file_variable,

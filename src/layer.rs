@@ -10,7 +10,7 @@ use tower::retry::RetryLayer;
 use crate::cache::{Cache, CacheOptions, CachedToken};
 use crate::credentials::{AccessToken, InstanceKey, StaticToken};
 use crate::destination::{Destinations, Origin, Scope};
-use crate::error::{CredentialKind, InvalidCredential, InvalidReason, LoadError, LoadedFrom};
+use crate::error::LoadError;
 use crate::retry::RetryRejected;
 use crate::service::Shared;
 use crate::source::{EnvSource, FileSource, Token, TokenSource};
@@ -152,16 +152,16 @@ impl TwnAuthLayer<CachedToken> {
     /// (the file with a brief blocking read), so that a mistake shows at start-up, and the
     /// token is read again every 30 seconds (by an [`EnvSource`] or a [`FileSource`]) so
     /// that a rotated secret is picked up without a restart. Surrounding whitespace is
-    /// trimmed.
+    /// trimmed, from the values and from the path alike.
     ///
     /// `TWN_ACCESS_TOKEN_FILE` is a path, and paths appear in error messages and `tracing`
     /// events; a token put there by mistake would be printed with them.
     ///
     /// # Errors
     ///
-    /// Returns [`LoadError`] if a variable is missing, empty or not Unicode, if both token
-    /// variables are set, if the file cannot be read, or if a value is not a valid
-    /// credential. The error names the variable or file, never the value.
+    /// Returns [`LoadError`] if a variable is missing, empty or not Unicode, if neither or
+    /// both token variables are set, if the file cannot be read, or if a value is not a
+    /// valid credential. The error names the variable or file, never the value.
     ///
     /// ```
     /// use tower_twn_auth::{LoadError, TwnAuthLayer};
@@ -185,8 +185,9 @@ impl TwnAuthLayer<CachedToken> {
                 })
             }
             (None, None) => {
-                return Err(LoadError::Missing {
-                    variable: ENV_ACCESS_TOKEN.into(),
+                return Err(LoadError::MissingToken {
+                    value_variable: ENV_ACCESS_TOKEN.into(),
+                    file_variable: ENV_ACCESS_TOKEN_FILE.into(),
                 })
             }
             (Some(_), None) => {
@@ -200,12 +201,8 @@ impl TwnAuthLayer<CachedToken> {
                 })?;
                 let path = path.trim_matches([' ', '\t', '\r', '\n']);
                 if path.is_empty() {
-                    return Err(LoadError::Invalid {
-                        origin: LoadedFrom::Env(ENV_ACCESS_TOKEN_FILE.into()),
-                        source: InvalidCredential::new(
-                            CredentialKind::AccessToken,
-                            InvalidReason::Empty,
-                        ),
+                    return Err(LoadError::EmptyPath {
+                        variable: ENV_ACCESS_TOKEN_FILE.into(),
                     });
                 }
                 let source = FileSource::new(path);

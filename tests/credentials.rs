@@ -612,6 +612,24 @@ async fn from_env_with_token_file_variable_sends_the_trimmed_file_content() {
     assert_eq!(sent, ("env-key".into(), "file-token".into()));
 }
 
+#[tokio::test]
+async fn from_env_trims_whitespace_around_the_token_file_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = token_file(dir.path(), b"file-token\n");
+    let padded = format!(" \t{}\r\n", path.to_str().unwrap());
+    let layer = {
+        let mut env = EnvGuard::lock();
+        env.clear_twn();
+        env.set("TWN_INSTANCE_KEY", "env-key");
+        env.set("TWN_ACCESS_TOKEN_FILE", &padded);
+        TwnAuthLayer::from_env().unwrap()
+    };
+
+    let sent = sent_by_layer(layer).await;
+
+    assert_eq!(sent, ("env-key".into(), "file-token".into()));
+}
+
 #[test]
 fn from_env_with_both_token_variables_is_a_conflict_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -659,7 +677,7 @@ fn from_env_with_nothing_set_is_a_missing_error_naming_the_instance_key_variable
 }
 
 #[test]
-fn from_env_with_key_but_no_token_is_a_missing_error_naming_the_token_variable() {
+fn from_env_with_key_but_no_token_is_a_missing_error_naming_both_token_variables() {
     let mut env = EnvGuard::lock();
     env.clear_twn();
     env.set("TWN_INSTANCE_KEY", "env-key");
@@ -667,10 +685,17 @@ fn from_env_with_key_but_no_token_is_a_missing_error_naming_the_token_variable()
     let error = TwnAuthLayer::from_env().unwrap_err();
 
     assert!(
-        matches!(&error, LoadError::Missing { variable } if variable == "TWN_ACCESS_TOKEN"),
+        matches!(
+            &error,
+            LoadError::MissingToken { value_variable, file_variable }
+                if value_variable == "TWN_ACCESS_TOKEN" && file_variable == "TWN_ACCESS_TOKEN_FILE"
+        ),
         "{error:?}"
     );
-    assert!(error.to_string().contains("TWN_ACCESS_TOKEN"), "{error}");
+    assert_eq!(
+        error.to_string(),
+        "neither TWN_ACCESS_TOKEN nor TWN_ACCESS_TOKEN_FILE is set; set one of them"
+    );
 }
 
 #[test]
@@ -699,12 +724,18 @@ fn from_env_with_empty_values_is_an_error_naming_the_variable() {
     ));
 
     env.remove("TWN_ACCESS_TOKEN");
-    env.set("TWN_ACCESS_TOKEN_FILE", "");
-    let error = TwnAuthLayer::from_env().unwrap_err();
-    assert!(
-        error.to_string().contains("TWN_ACCESS_TOKEN_FILE"),
-        "{error}"
-    );
+    for path in ["", " \t\n"] {
+        env.set("TWN_ACCESS_TOKEN_FILE", path);
+        let error = TwnAuthLayer::from_env().unwrap_err();
+        assert!(
+            matches!(&error, LoadError::EmptyPath { variable } if variable == "TWN_ACCESS_TOKEN_FILE"),
+            "{path:?}: {error:?}"
+        );
+        assert_eq!(
+            error.to_string(),
+            "environment variable TWN_ACCESS_TOKEN_FILE is empty; set it to the path of a file"
+        );
+    }
 }
 
 #[test]
