@@ -599,35 +599,25 @@ async fn from_env_with_key_and_token_variables_sends_the_trimmed_values() {
 async fn from_env_with_token_file_variable_sends_the_trimmed_file_content() {
     let dir = tempfile::tempdir().unwrap();
     let path = token_file(dir.path(), b"file-token \t\n");
-    let layer = {
-        let mut env = EnvGuard::lock();
-        env.clear_twn();
-        env.set("TWN_INSTANCE_KEY", "env-key");
-        env.set("TWN_ACCESS_TOKEN_FILE", &path);
-        TwnAuthLayer::from_env().unwrap()
-    };
+    let path = path.to_str().unwrap();
+    // The path is trimmed like the values.
+    for variable in [path.to_owned(), format!(" \t{path}\r\n")] {
+        let layer = {
+            let mut env = EnvGuard::lock();
+            env.clear_twn();
+            env.set("TWN_INSTANCE_KEY", "env-key");
+            env.set("TWN_ACCESS_TOKEN_FILE", &variable);
+            TwnAuthLayer::from_env().unwrap()
+        };
 
-    let sent = sent_by_layer(layer).await;
+        let sent = sent_by_layer(layer).await;
 
-    assert_eq!(sent, ("env-key".into(), "file-token".into()));
-}
-
-#[tokio::test]
-async fn from_env_trims_whitespace_around_the_token_file_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = token_file(dir.path(), b"file-token\n");
-    let padded = format!(" \t{}\r\n", path.to_str().unwrap());
-    let layer = {
-        let mut env = EnvGuard::lock();
-        env.clear_twn();
-        env.set("TWN_INSTANCE_KEY", "env-key");
-        env.set("TWN_ACCESS_TOKEN_FILE", &padded);
-        TwnAuthLayer::from_env().unwrap()
-    };
-
-    let sent = sent_by_layer(layer).await;
-
-    assert_eq!(sent, ("env-key".into(), "file-token".into()));
+        assert_eq!(
+            sent,
+            ("env-key".into(), "file-token".into()),
+            "{variable:?}"
+        );
+    }
 }
 
 #[test]
