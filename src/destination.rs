@@ -282,12 +282,15 @@ impl Destinations {
     /// The verdict on a URI with no scheme. With no authority either (`/path`, `*`), it goes
     /// wherever the connection beneath goes. With one (authority-form, as `CONNECT` uses), it
     /// names a host but not https: like another scheme, it is refused, or outside a scope.
+    /// A path that starts with `//` names a host too, once resolved against a base URL, so
+    /// it is never taken for a relative URI.
     #[cold]
     fn verdict_without_scheme(&self, uri: &Uri) -> Verdict {
         match uri.authority() {
             Some(_) if self.scope.is_some() => Verdict::Strip,
-            Some(authority) if names_a_host(authority.as_str()) => Verdict::Insecure,
+            Some(_) if uri.host().is_some_and(|host| !host.is_empty()) => Verdict::Insecure,
             Some(_) => Verdict::Unknown,
+            None if uri.path().starts_with("//") => Verdict::Unknown,
             None if self.allow_relative => Verdict::Attach,
             None => Verdict::Unknown,
         }

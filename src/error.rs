@@ -35,14 +35,12 @@ impl CredentialKind {
 /// Why a value is not a valid credential.
 ///
 /// Positions count bytes from zero. They locate the problem without repeating any of the
-/// value.
+/// value. For a value read from the environment or a file, they count from the first byte
+/// after the surrounding whitespace, which is trimmed before the check.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum InvalidReason {
     /// The value is empty (after trimming, for values read from the environment or a file).
-    ///
-    /// For values read from the environment or a file, the offsets below count from the
-    /// first byte after the surrounding whitespace, which is trimmed before the check.
     Empty,
     /// The value starts with a space or a tab.
     LeadingWhitespace,
@@ -285,8 +283,9 @@ pub enum Error {
     /// `https` nor `http` (`ws`, `ftp`, ...), or it names a host with no scheme at all (the
     /// authority-form of `CONNECT`), to any host, loopback included, whatever the options.
     ///
-    /// With a [scope](crate::TwnAuthLayer::scope), a request of the second kind is outside
-    /// it, and is sent without either header instead.
+    /// With a [scope](crate::TwnAuthLayer::scope), every request to an origin outside it is
+    /// sent without either header instead, those of the second kind included; only plain
+    /// `http` to a scoped origin that is not loopback is refused.
     #[non_exhaustive]
     InsecureDestination {
         /// The host the request was for. A host longer than 64 bytes is cut to its first 61
@@ -294,8 +293,8 @@ pub enum Error {
         host: String,
     },
     /// The request URI has neither scheme nor authority (`/stats/totalproducts`, `*`), or
-    /// its authority names no host, so the layer cannot tell where the credentials would
-    /// go. See [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
+    /// its authority names no host, or its path starts with `//`, so the layer cannot tell
+    /// where the credentials would go. See [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
     ///
     /// Not every URI without a host gets this error:
     ///

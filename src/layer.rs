@@ -402,7 +402,9 @@ impl<P> TwnAuthLayer<P> {
     /// of `CONNECT`) is not one of them: a client connects to that host, and not over https,
     /// so it is refused with
     /// [`Error::InsecureDestination`](crate::Error::InsecureDestination), or sent without
-    /// either header under a scope, with this option or without.
+    /// either header under a scope, with this option or without. Nor is a path that starts
+    /// with `//`, which names a host once resolved against a base URL: it is refused with
+    /// [`Error::UnknownDestination`](crate::Error::UnknownDestination).
     pub fn allow_relative_uris(mut self) -> Self {
         Arc::make_mut(&mut self.shared).destinations.allow_relative = true;
         self

@@ -362,6 +362,27 @@ async fn authority_form_uri_is_refused_as_insecure_whatever_the_options() {
             let outcome = send(&layer, connect(authority)).await;
             assert_eq!(outcome, Outcome::insecure(host), "{label}: {authority}");
         }
+        // An authority with no host in it names no destination at all.
+        for authority in ["user@:443", ":443"] {
+            let outcome = send(&layer, connect(authority)).await;
+            assert_eq!(outcome, Outcome::Unknown, "{label}: {authority}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn path_starting_with_two_slashes_is_refused_even_with_allow_relative_uris() {
+    // Resolved against a base URL, `//evil.example.test/x` names another host.
+    for (label, layer) in [
+        ("default layer", static_layer()),
+        ("allow_relative_uris", static_layer().allow_relative_uris()),
+        (
+            "scoped, allow_relative_uris",
+            scoped_to_tweakwise(static_layer()).allow_relative_uris(),
+        ),
+    ] {
+        let outcome = send(&layer, get("//evil.example.test/x")).await;
+        assert_eq!(outcome, Outcome::Unknown, "{label}");
     }
 }
 
