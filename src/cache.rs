@@ -56,7 +56,7 @@ use tower::BoxError;
 
 use crate::credentials;
 use crate::error::Error;
-use crate::future::Watch;
+use crate::future::{Watch, Watching};
 use crate::source::{DynSource, FetchFuture, Token};
 
 /// The longest the cache waits for anything: longer durations (a backoff, a fetch timeout)
@@ -398,7 +398,11 @@ impl Cache {
                     fetch.spawn();
                 }
                 Err(error) => {
-                    tracing::debug!(source = %self.name, %error, "cannot start a background refresh");
+                    tracing::debug!(
+                        source = %self.name,
+                        %error,
+                        "cannot start a background refresh"
+                    );
                     // Try again on a later request.
                     let _ = self.word.0.compare_exchange(
                         fresh,
@@ -980,7 +984,7 @@ impl Drop for WatchGuard {
 /// What a request gets from its service's token; `R` is what its response future keeps to
 /// report the answer, and `N` proves that the token is one that can be missing (`()`; a
 /// fixed token's is uninhabited, so that it never makes a request wait or fail).
-pub(crate) enum Lookup<R = Option<Watch>, N = ()> {
+pub(crate) enum Lookup<R = Watching, N = ()> {
     /// Send this token, and watch the response if rotation detection is on.
     Ready(HeaderValue, R),
     /// Wait for the fetch under way; the handle makes the watch once the token is there.
@@ -1014,7 +1018,7 @@ impl CachedToken {
     /// without a slot, past the interning budget, or a word that is not usable) leaves the
     /// request to [`lookup`](Self::lookup).
     #[inline]
-    pub(crate) fn ready(&mut self) -> Option<(HeaderValue, Option<Watch>)> {
+    pub(crate) fn ready(&mut self) -> Option<(HeaderValue, Watching)> {
         let seen = self.cache.word.0.load(Ordering::Acquire);
         if phase(seen) == UNUSABLE || (seen & EXPIRES != 0 && self.cache.past_deadline(seen)) {
             return None;
@@ -1044,14 +1048,16 @@ impl CachedToken {
 
     /// Returns what the response future needs to report how the server answered the token of
     /// `generation`, if rotation detection is on.
-    pub(crate) fn watch(&self, generation: u64) -> Option<Watch> {
-        self.cache.options.reject_statuses.as_ref()?;
-        Some(Watch {
+    pub(crate) fn watch(&self, generation: u64) -> Watching {
+        if self.cache.options.reject_statuses.is_none() {
+            return Watching::default();
+        }
+        Watching(Some(Watch {
             cache: Arc::clone(&self.cache),
             generation,
             #[cfg(feature = "tower-http")]
             sent_to: None,
-        })
+        }))
     }
 
     /// Takes the slow path: a usable token, a fetch to wait for, or why there is neither.

@@ -294,7 +294,8 @@ pub enum Error {
     },
     /// The request URI has neither scheme nor authority (`/stats/totalproducts`, `*`), or
     /// its authority names no host, or its path starts with `//`, so the layer cannot tell
-    /// where the credentials would go. See [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
+    /// where the credentials would go. See
+    /// [`allow_relative_uris`](crate::TwnAuthLayer::allow_relative_uris).
     ///
     /// Not every URI without a host gets this error:
     ///
@@ -422,9 +423,11 @@ impl Host {
 }
 
 impl Refusal {
-    /// Returns the error the first time, `None` after.
-    pub(crate) fn take(&mut self) -> Option<Error> {
-        match std::mem::replace(self, Refusal::Returned) {
+    /// Returns the error, or `None` for a refusal whose error was returned already.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn into_error(self) -> Option<Error> {
+        match self {
             Refusal::Insecure(host) => Some(Error::InsecureDestination {
                 host: host.into_string(),
             }),

@@ -177,7 +177,7 @@ where
                     stage: Stage::Refused(refusal),
                 } => {
                     let refusal = std::mem::replace(refusal, Refusal::Returned);
-                    return Poll::Ready(Err(refused(refusal)));
+                    return Poll::Ready(Err(once(refusal.into_error())));
                 }
                 // For a fixed token, whose requests never wait, this cannot happen.
                 StateProj::NotCalled {
@@ -202,7 +202,7 @@ where
 fn poll_before_call<W, F>(
     before: Option<&mut Before<W>>,
     cx: &mut Context<'_>,
-) -> Poll<Result<(F, Option<Watch>), BoxError>>
+) -> Poll<Result<(F, Watching), BoxError>>
 where
     W: sealed::Wait<F>,
 {
@@ -219,13 +219,6 @@ where
         },
         Before::Failed(error) => Poll::Ready(Err(once(error.take()))),
     }
-}
-
-/// Returns the error of a refused request, as [`once`] does.
-#[cold]
-#[inline(never)]
-fn refused(mut refusal: Refusal) -> BoxError {
-    once(refusal.take())
 }
 
 /// Returns the error of a request that did not reach the inner service the first time it
@@ -315,14 +308,14 @@ impl<S, B> fmt::Debug for TokenWait<S, B> {
     }
 }
 
-pub(crate) use self::sealed::Watch;
+pub(crate) use self::sealed::{Watch, Watching};
 
 pub(crate) mod sealed {
     use super::*;
 
     /// What a response future needs to report how the server answered a token.
     #[derive(Debug)]
-    pub struct Watch {
+    pub(crate) struct Watch {
         pub(crate) cache: Arc<Cache>,
         pub(crate) generation: u64,
         /// The URI the token was sent to, to tell a redirect's answer from another origin.
@@ -367,7 +360,7 @@ pub(crate) mod sealed {
     }
 
     /// What a response future keeps to report how the server answered its token: `()` for a
-    /// fixed token, which has no one to tell, and an optional [`Watch`] for a cached one.
+    /// fixed token, which has no one to tell, and a [`Watching`] for a cached one.
     ///
     /// Keeping nothing for a fixed token lets its futures compile down to the inner
     /// service's future and a check that the request was called.
@@ -380,7 +373,7 @@ pub(crate) mod sealed {
 
         /// Takes the watch of a request that waited for a token. Only a cached token makes
         /// requests wait, so `()` never receives one.
-        fn from_watch(watch: Option<Watch>) -> Self;
+        fn from_watch(watch: Watching) -> Self;
     }
 
     impl Report for () {
@@ -390,7 +383,7 @@ pub(crate) mod sealed {
         #[inline]
         fn report<B>(&mut self, _response: &Response<B>) {}
 
-        fn from_watch(_watch: Option<Watch>) -> Self {}
+        fn from_watch(_watch: Watching) -> Self {}
     }
 
     /// What a cached token's response future keeps to report its answer: a [`Watch`] when
@@ -419,14 +412,14 @@ pub(crate) mod sealed {
             }
         }
 
-        fn from_watch(watch: Option<Watch>) -> Self {
-            Watching(watch)
+        fn from_watch(watch: Watching) -> Self {
+            watch
         }
     }
 
     /// A first stage that produces the inner service's future.
     pub trait Wait<F> {
-        fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<(F, Option<Watch>), Error>>;
+        fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<(F, Watching), Error>>;
     }
 }
 
@@ -434,10 +427,7 @@ impl<S, B> sealed::Wait<S::Future> for TokenWait<S, B>
 where
     S: Service<Request<B>>,
 {
-    fn poll_call(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<(S::Future, Option<Watch>), Error>> {
+    fn poll_call(&mut self, cx: &mut Context<'_>) -> Poll<Result<(S::Future, Watching), Error>> {
         let abandoned = |token: &CachedToken| Error::FetchAbandoned {
             source_name: Arc::clone(token.source_name()),
         };
@@ -481,7 +471,7 @@ where
             .headers_mut()
             .insert(TWN_AUTHENTICATION, snapshot.value);
         let watch = self.token.watch(snapshot.generation);
-        let watch = watch.map(|watch| watch.sent_to(request.uri()));
+        let watch = sealed::Report::sent_to(watch, request.uri());
         Poll::Ready(Ok((inner.call(request), watch)))
     }
 }

@@ -320,11 +320,12 @@ impl TwnAuthLayer<CachedToken> {
     /// Take it from the finished layer, after every builder call: each one
     /// (`detect_rotation`, `refresh_ahead` and the others) gives the layer a cache of its own,
     /// and a retry layer taken before it works with the cache the layer no longer uses. One
-    /// taken before `detect_rotation`, say, retries nothing. It must sit **outside** the authentication layer, so
-    /// that the retried request passes through it again, and directly outside it: the policy
-    /// notes which token a request will carry as it passes, and a layer between the two that
-    /// holds requests back (a rate limit, an async filter) lets that token be replaced in the
-    /// meantime, so that a rejected request may be sent again with the same token:
+    /// taken before `detect_rotation`, say, retries nothing. It must sit **outside** the
+    /// authentication layer, so that the retried request passes through it again, and
+    /// directly outside it: the policy notes which token a request will carry as it passes,
+    /// and a layer between the two that holds requests back (a rate limit, an async filter)
+    /// lets that token be replaced in the meantime, so that a rejected request may be sent
+    /// again with the same token:
     ///
     /// ```
     /// use std::time::Duration;

@@ -73,17 +73,10 @@ impl sealed::Provide for CachedToken {
 
     #[inline]
     fn ready(&mut self) -> Result<(HeaderValue, Watching), ()> {
-        match CachedToken::ready(self) {
-            Some((token, watch)) => Ok((token, Watching(watch))),
-            None => Err(()),
-        }
+        CachedToken::ready(self).ok_or(())
     }
 
-    fn lookup(&mut self) -> Lookup<Watching> {
-        match CachedToken::lookup(self) {
-            Lookup::Ready(token, watch) => Lookup::Ready(token, Watching(watch)),
-            Lookup::Wait(rx, handle, waits) => Lookup::Wait(rx, handle, waits),
-            Lookup::Failed(error, waits) => Lookup::Failed(error, waits),
-        }
+    fn lookup(&mut self) -> Lookup {
+        CachedToken::lookup(self)
     }
 }
